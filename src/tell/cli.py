@@ -1,0 +1,151 @@
+"""Command line: `tell <verb>`; each verb parses flags into a RunConfig and calls one experiment function.
+
+Precedence: defaults < `--config FILE.yaml` < flags. Short flags (`--ratio 100`) and dotted flags
+(`--train.lr 2e-4`) set the same fields. Bad input ends with one clear message and exit code 2
+(`--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tell.config import RunConfig, dump_config, load_config
+from tell.data import TellInputError
+
+# short flag -> (dotted config keys it sets, argparse options)
+SHORT_FLAGS = {
+    "--task": (("data.task",), {"help": "task rows: .json/.jsonl (Alpaca, prompt/response or chat shape)"}),
+    "--general": (("data.general",), {"help": "general rows: 'alpaca' (built in), 'alpaca+dpo' or a file"}),
+    "--prompt-field": (("data.prompt_field",), {"help": "name of the prompt field in pair rows"}),
+    "--response-field": (("data.response_field",), {"help": "name of the answer field in pair rows"}),
+    "--anchor": (("anchor.text",), {"help": "anchor prompt put before every task row"}),
+    "--anchor-file": (("anchor.file",), {"help": "read the anchor prompt from a file"}),
+    "--anchor-placement": (("anchor.placement",), {"help": "user-prefix (default) or system"}),
+    "--ratio": (("mix.ratio",), {"help": "general:task token ratio, a number or 'max' (default 10)"}),
+    "--mode": (("mix.mode",), {"help": "tell (default), sft (task only), general (general only)"}),
+    "--order": (("mix.order",), {"help": "random (default), spread, task-first, task-last"}),
+    "--seed": (("mix.seed", "train.seed", "generate.seed"), {"type": int, "help": "seed of every stage (42)"}),
+    "--count-tokenizer": (("mix.count_tokenizer",), {"help": "tokenizer to count tokens with (default: model's)"}),
+    "--max-length": (("mix.max_length",), {"type": int, "help": "longest row in tokens (default: context)"}),
+    "--on-long": (("mix.on_long",), {"help": "rows over max-length: error (default), truncate, skip"}),
+    "--model": (("model.name",), {"help": "'default' (embedded SmolLM2-135M), HF id, directory or .gguf"}),
+    "--dtype": (("model.dtype",), {"help": "auto (default), bf16, fp32"}),
+    "--device": (("model.device",), {"help": "auto (default), cpu, cuda"}),
+    "--lr": (("train.lr",), {"type": float, "help": "learning rate (1e-4)"}),
+    "--batch-size": (("train.batch_size",), {"type": int, "help": "rows per optimizer step (16)"}),
+    "--epochs": (("train.epochs",), {"type": int, "help": "passes over the mix (1)"}),
+    "--max-steps": (("train.max_steps",), {"type": int, "help": "stop after N optimizer steps"}),
+    "--report-to": (("train.report_to",), {"help": "none, tensorboard, wandb, mlflow"}),
+    "--max-new-tokens": (("generate.max_new_tokens",), {"type": int, "help": "new tokens per answer"}),
+    "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
+    "--out": (("out",), {"help": "output directory"}),
+}
+VERB_FLAGS = {
+    "mix": ["--task", "--general", "--prompt-field", "--response-field", "--anchor", "--anchor-file",
+            "--anchor-placement", "--ratio", "--mode", "--order", "--seed", "--count-tokenizer",
+            "--max-length", "--on-long", "--model", "--out"],
+    "generate": ["--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device"],
+}
+VERB_FLAGS["train"] = VERB_FLAGS["mix"] + ["--dtype", "--device", "--lr", "--batch-size", "--epochs",
+                                           "--max-steps", "--report-to"]
+
+
+def _add_common(parser: argparse.ArgumentParser, verb: str) -> None:
+    for flag in VERB_FLAGS[verb]:
+        _, options = SHORT_FLAGS[flag]
+        parser.add_argument(flag, **{"default": None, **options})
+    parser.add_argument("--config", help="YAML file with the same fields (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tell", description="Token-Efficient Leverage Learning: "
+                                     "anchor prompt + extensive shuffle + LoRA, for tasks with few examples.",
+                                     epilog="Any config field can also be set as --section.field VALUE, "
+                                     "e.g. --train.lr 2e-4 (see `tell train --print-config`).")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    mix = verbs.add_parser("mix", help="write the token-ratio mix (mix.jsonl + manifest.json) only")
+    _add_common(mix, "mix")
+    mix.add_argument("--allow-repeat", action="store_true", default=None, help="repeat general rows if needed")
+    mix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    mix.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train = verbs.add_parser("train", help="mix on the fly and train a LoRA adapter into --out")
+    _add_common(train, "train")
+    train.add_argument("--allow-repeat", action="store_true", default=None, help="repeat general rows if needed")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    gen = verbs.add_parser("generate", help="answer prompts with a trained run (its anchor applied)")
+    gen.add_argument("--run", help="run directory written by `tell train` (omit to use --model alone)")
+    gen.add_argument("--prompts", help="JSONL/JSON prompts (any row shape); '-' or omitted = stdin lines")
+    gen.add_argument("--output", help="write {prompt, output} rows to this JSONL file")
+    gen.add_argument("--no-anchor", action="store_true", help="do not apply the run's anchor")
+    _add_common(gen, "generate")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
+    """Return defaults < YAML < short flags < dotted flags as a validated RunConfig."""
+    overrides = {}
+    for flag, (keys, _) in SHORT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            overrides.update({k: value for k in keys})
+    if getattr(args, "allow_repeat", None):
+        overrides["mix.allow_repeat"] = True
+    overrides.update(dotted_overrides(extra))
+    return load_config(args.config, overrides)
+
+
+def dotted_overrides(extra: list[str]) -> dict[str, str]:
+    """Return {'section.field': value} from leftover `--section.field value` arguments."""
+    overrides, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise TellInputError(f"unrecognised argument {arg!r} (see --help)")
+        key, _, value = arg[2:].partition("=")
+        if not value:
+            if i + 1 >= len(extra):
+                raise TellInputError(f"{arg} needs a value")
+            value, i = extra[i + 1], i + 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return _dispatch(args, extra)
+    except TellInputError as err:
+        if args.debug:
+            raise
+        print(f"tell {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args, extra) -> int:
+    from tell import experiment
+    cfg = config_from_args(args, extra)
+    if getattr(args, "print_config", False):
+        dump_config(cfg, "/dev/stdout")
+        return 0
+    if args.verb == "mix":
+        out = experiment.run_mix(cfg, args.overwrite)
+        print(f"[tell] mix written to {out}/mix.jsonl and {out}/manifest.json")
+    elif args.verb == "train":
+        result = experiment.run_train(cfg, args.overwrite)
+        print(f"[tell] run written to {cfg.out}: {result.optimizer_steps} steps, {result.trained_tokens} "
+              f"tokens in {result.wall_s:.0f} s ({result.tokens_per_s:.0f} tok/s)")
+    elif args.verb == "generate":
+        rows = experiment.run_generate(args.run, args.prompts, cfg, args.output, not args.no_anchor)
+        if not args.output:
+            import json
+            for row in rows:
+                print(json.dumps({"output": row["output"]}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

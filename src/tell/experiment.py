@@ -1,0 +1,161 @@
+"""Experiments: compose the stages into user-facing jobs (mix, train, generate, eval, compare).
+
+This is the only module that imports every stage and the only one that decides output paths. Every
+job validates all user input (files, rows, ratio, model path) before a model is loaded, writes into
+``<out>.partial`` and renames it to ``<out>`` only when the job is complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tell.anchor import anchored_examples, resolve_anchor_text
+from tell.config import RunConfig, dump_config, non_default_values
+from tell.data import Example, FieldMap, TellInputError, load_examples
+from tell.mix import Mix, build_mix, write_mix
+from tell.model import autocast_dtype, context_length, load_model, load_tokenizer, pick_device
+
+
+@dataclass(frozen=True)
+class PreparedMix:
+    mix: Mix
+    tokenizer: object
+    anchor: str
+    max_length: int
+
+
+def field_map(cfg: RunConfig) -> FieldMap:
+    """Return the field names to read rows with, honouring the user's overrides."""
+    fields = FieldMap(messages=cfg.data.messages_field)
+    if cfg.data.prompt_field:
+        fields = FieldMap(**{**fields.__dict__, "prompt": (cfg.data.prompt_field,)})
+    if cfg.data.response_field:
+        fields = FieldMap(**{**fields.__dict__, "response": (cfg.data.response_field,)})
+    return fields
+
+
+def model_max_length(cfg: RunConfig) -> int:
+    """Return max_length: the configured one, else the model's context read from its config only."""
+    if cfg.mix.max_length:
+        return cfg.mix.max_length
+    from transformers import AutoConfig
+    from tell.model import resolve_model_path
+    return context_length(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)))
+
+
+def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
+                general_examples: list[Example] | None = None) -> PreparedMix:
+    """Return the validated, anchored, token-budgeted mix; raises on bad input before any model loads."""
+    if task_examples is None:
+        if not cfg.data.task:
+            raise TellInputError("no task data: pass --task FILE", None, None, "data.task")
+        task_examples = load_examples(cfg.data.task, "task", field_map(cfg))
+    if general_examples is None and cfg.mix.mode != "sft":
+        general_examples = load_examples(cfg.data.general, "general", field_map(cfg))
+    anchor = resolve_anchor_text(cfg.anchor)
+    task_examples = anchored_examples(task_examples, anchor, cfg.anchor.placement)
+    tokenizer = load_tokenizer(cfg.model.name)
+    count_tokenizer, count_name = tokenizer, cfg.model.name
+    if cfg.mix.count_tokenizer:
+        count_tokenizer, count_name = load_tokenizer(cfg.mix.count_tokenizer), cfg.mix.count_tokenizer
+    max_length = model_max_length(cfg)
+    mix = build_mix(task_examples, general_examples or [], cfg.mix, count_tokenizer, max_length,
+                    tokenizer_name=count_name if count_name != "default" else "SmolLM2-135M-Instruct (embedded)")
+    mix.manifest.update(anchor=anchor, anchor_placement=cfg.anchor.placement)
+    return PreparedMix(mix, tokenizer, anchor, max_length)
+
+
+@contextmanager
+def staged_output(out: str | Path, overwrite: bool = False):
+    """Yield `<out>.partial` to write into; rename it to `out` only if the block completes."""
+    out = Path(out)
+    if not str(out):
+        raise TellInputError("no output directory: pass --out DIR", None, None, "out")
+    if out.exists() and not overwrite:
+        raise TellInputError("output directory already exists (pass --overwrite to replace it)", out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    except OSError as err:
+        raise TellInputError(f"cannot write the output directory: {err.strerror}", out) from None
+    yield partial
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+
+
+def announce(cfg: RunConfig) -> None:
+    """Print every value that differs from the defaults (what this run changed)."""
+    changed = non_default_values(cfg)
+    if changed:
+        print("[tell] settings: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()), file=sys.stderr)
+
+
+def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Write the mix (mix.jsonl, manifest.json, config.yaml) to cfg.out; return the directory."""
+    announce(cfg)
+    prepared = prepare_mix(cfg)
+    with staged_output(cfg.out, overwrite) as tmp:
+        write_mix(prepared.mix, tmp)
+        dump_config(cfg, tmp / "config.yaml")
+    return Path(cfg.out)
+
+
+def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
+    """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
+    from tell.train import check_tracker, train_lora
+    announce(cfg)
+    check_tracker(cfg.train.report_to)
+    prepared = prepare_mix(cfg, task_examples, general_examples)
+    with staged_output(cfg.out, overwrite) as tmp:
+        write_mix(prepared.mix, tmp)
+        dump_config(cfg, tmp / "config.yaml")
+        (tmp / "anchor.txt").write_text(prepared.anchor, encoding="utf-8")
+        model, _ = load_model(cfg.model)
+        autocast = autocast_dtype(cfg.model, pick_device(cfg.model))
+        _, result = train_lora(model, prepared.tokenizer, prepared.mix, cfg.train, tmp, autocast,
+                               run_config=_plain(cfg))
+    return result
+
+
+def _plain(cfg: RunConfig) -> dict:
+    from tell.config import config_dict
+    return config_dict(cfg)
+
+
+def read_prompts(path: str | None) -> list[tuple[dict, ...]]:
+    """Return prompt message lists from a JSONL/JSON file (any row shape, answer optional) or stdin lines."""
+    from tell.data import read_records, record_to_messages
+    if path in (None, "-"):
+        lines = [line.strip() for line in sys.stdin if line.strip()]
+        if not lines:
+            raise TellInputError("no prompts on standard input", "<stdin>")
+        return [({"role": "user", "content": line},) for line in lines]
+    prompts = []
+    for line, rec in read_records(path):
+        if isinstance(rec.get("prompt", rec.get("query", rec.get("instruction"))), str) and not any(
+                k in rec for k in ("response", "output", "messages")):
+            rec = {**rec, "response": ""}  # a prompt-only row: the answer is what we generate
+        messages = record_to_messages(rec, FieldMap(), path, line)
+        prompts.append(messages[:-1] if messages[-1]["role"] == "assistant" else messages)
+    return prompts
+
+
+def run_generate(run_dir: str | None, prompts_path: str | None, cfg: RunConfig, out_path: str | None = None,
+                 use_anchor: bool = True) -> list[dict]:
+    """Answer prompts with a trained run (its anchor applied) or a base model; return output rows."""
+    from tell.generate import generate_texts, load_for_generation, prompt_texts
+    prompts = read_prompts(prompts_path)
+    run = load_for_generation(run_dir, cfg.model)
+    texts = prompt_texts(run, prompts, use_anchor)
+    outputs = generate_texts(run.model, run.tokenizer, texts, cfg.generate, cfg.generate.max_new_tokens or 256)
+    rows = [{"prompt": list(p), "output": o} for p, o in zip(prompts, outputs)]
+    if out_path:
+        Path(out_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return rows

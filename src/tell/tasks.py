@@ -1,0 +1,426 @@
+"""Stage — tasks: the built-in task registry (Halu-CoT-JSON, IS-EN news) and user-defined tasks.
+
+In: a task name, or a user test file with a metric (plus a schema file or regex where needed).
+Out: a ``Task``: seeded training ``Example`` samples (source "task"), seeded ``TestRow`` samples
+(prompt messages and reference), and the task's scoring functions and generation budget.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import jsonschema
+
+from tell import metrics
+from tell.data import DATASETS_DIR, Example, FieldMap, TellInputError, read_records, record_to_messages
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TestRow:
+    """One evaluation prompt: `messages` are the prompt turns only (no assistant answer)."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    id: str
+    messages: tuple[dict, ...]
+    reference: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: seeded train/test samplers, scorers and a generation budget."""
+
+    name: str
+    train_examples: Callable[[int | None, int], list[Example]]  # (n_rows or None = all, seed)
+    test_rows: Callable[[int | None, int], list[TestRow]]  # (limit or None = all, seed)
+    score: Callable[[list[str], list[str]], dict]  # (outputs, references) -> metrics dict
+    row_scores: Callable[[list[str], list[str]], list[float]]
+    max_new_tokens: int = 256
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def did_you_mean(kind: str, name: str, names: Sequence[str]) -> str:
+    """Return an 'unknown X' message with the closest names and the full list."""
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} Available: {', '.join(names)}"
+
+
+def seeded_sample(items: Sequence[T], k: int | None, seed: int) -> list[T]:
+    """Return `k` items drawn without replacement with ``random.Random(seed)``, in their file order.
+
+    The draw is a full seeded permutation cut to its first `k`, so for one seed a smaller sample
+    is contained in a larger one (15 rows are among the 60). ``k=None`` or ``k >= len`` gives all.
+    """
+    if k is None or k >= len(items):
+        return list(items)
+    if k < 0:
+        raise ValueError(f"sample size must be >= 0, got {k}")
+    order = random.Random(seed).sample(range(len(items)), len(items))
+    return [items[i] for i in sorted(order[:k])]  # file order: stable, readable generations files
+
+
+def _train_sample(pool: Sequence[Example], n_rows: int | None, seed: int, task: str) -> list[Example]:
+    if n_rows is not None and n_rows > len(pool):
+        # Silently training on fewer rows than asked would mislabel a token-budget experiment.
+        raise TellInputError(f"asked for {n_rows} training rows but task '{task}' has {len(pool)}")
+    return seeded_sample(pool, n_rows, seed)
+
+
+def _user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def read_task_examples(path: str | Path, id_prefix: str) -> list[Example]:
+    """Return the rows of a JSONL/JSON file (chat, Alpaca or prompt/response shape) as task
+    examples with ids ``{id_prefix}:{line}``; the last message is the assistant answer."""
+    path = Path(path)
+    return [Example(f"{id_prefix}:{line}", record_to_messages(rec, FieldMap(), path, line), "task", str(path),
+                    line) for line, rec in read_records(path)]
+
+
+# --- halu-cot-json ----------------------------------------------------------------------------
+
+HALU_TEST_FILE = DATASETS_DIR / "halu_cot_json_test.jsonl"
+HALU_POOL_FILE = DATASETS_DIR / "halueval_general.jsonl"
+HALU_MAX_PROMPT_CHARS = 12000
+SPAN_MAX_CHARS = 300
+# Separators of the test prompts' task block (checked against all 1006 prompts in the tests).
+_RELATIVES = "'relatives' : "
+_QUERY = "\n'user_query' : "
+_RESPONSE = "\n'chatgpt_response' : "
+HALU_NO_THOUGHT = ("The response answers the query consistently and contains no factual errors "
+                   "or unsupported claims.")
+HALU_YES_GENERIC = "The response contains factual errors or unsupported claims, so it is a hallucination."
+
+
+@lru_cache(maxsize=1)
+def _halu_test_records() -> tuple[tuple[int, dict], ...]:
+    return tuple(read_records(HALU_TEST_FILE))
+
+
+@lru_cache(maxsize=1)
+def halu_prompt_prefix() -> str:
+    """Return the instruction text of the test prompts: everything before "'relatives' : "."""
+    first = _halu_test_records()[0][1]["prompt"]
+    return first[: first.index(_RELATIVES)]  # copied from the data, never retyped
+
+
+def halu_prompt(user_query: str, chatgpt_response: str) -> str:
+    """Return a Halu-CoT-JSON prompt in exactly the test prompts' format (empty 'relatives')."""
+    return f"{halu_prompt_prefix()}{_RELATIVES}{_QUERY}{user_query}{_RESPONSE}{chatgpt_response}"
+
+
+def halu_query_of(prompt: str) -> str:
+    """Return the user_query text of a Halu-CoT-JSON prompt (between its two field markers)."""
+    start = prompt.index(_QUERY) + len(_QUERY)
+    return prompt[start: prompt.index(_RESPONSE, start)]
+
+
+def _clip(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= SPAN_MAX_CHARS else text[:SPAN_MAX_CHARS].rstrip() + "..."
+
+
+def _quotes(span: str, response: str) -> bool:
+    # Annotators sometimes join non-adjacent response lines into one span; each line is a quote.
+    return all(line.strip() in response for line in span.splitlines() if line.strip())
+
+
+def halu_thought(row: dict) -> str:
+    """Return the 'thought' of a HaluEval row: quoted hallucinated spans for "yes", else a fixed
+    consistency statement. Spans not found in the response are annotator notes ("Incomplete
+    answer") and are listed as such; a "yes" row without spans gets a generic statement."""
+    if row["hallucination"] != "yes":
+        return HALU_NO_THOUGHT
+    spans = [s for s in row.get("hallucination_spans") or [] if isinstance(s, str) and s.strip()]
+    quoted = [s for s in spans if _quotes(s, row["chatgpt_response"])]
+    notes = [s for s in spans if not _quotes(s, row["chatgpt_response"])]
+    parts = []
+    if quoted:
+        parts.append("The response contains claims that are not supported or are wrong: "
+                     + "; ".join(f'"{_clip(s)}"' for s in quoted) + ".")
+    if notes:
+        parts.append("Problems noted: " + "; ".join(_clip(s).rstrip(".") for s in notes) + ".")
+    return " ".join(parts) + " These are hallucinations." if parts else HALU_YES_GENERIC
+
+
+def halu_target(row: dict) -> str:
+    """Return the training answer: ``json.dumps({"thought", "hallucination"}, ensure_ascii=False)``
+    with default separators, i.e. the ``{"thought": "...", "hallucination": "no"}`` shape the prompt
+    itself shows; it validates against metrics.HALU_SCHEMA."""
+    return json.dumps({"thought": halu_thought(row), "hallucination": row["hallucination"]},
+                      ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class HaluTrainPool:
+    """The HaluEval rows usable for training, and how many were left out and why."""
+
+    examples: tuple[Example, ...]
+    skipped_in_test: int  # user_query appears in a test prompt
+    skipped_too_long: int  # rendered prompt over HALU_MAX_PROMPT_CHARS
+
+
+@lru_cache(maxsize=1)
+def halu_test_queries() -> frozenset[str]:
+    """Return the user_query texts of all shipped test prompts."""
+    return frozenset(halu_query_of(rec["prompt"]) for _, rec in _halu_test_records())
+
+
+@lru_cache(maxsize=1)
+def _halu_test_text() -> str:
+    # Every prompt starts with the same prefix, so search the prefix once and the rest joined.
+    cut = len(halu_prompt_prefix())
+    return "\x00".join(rec["prompt"][cut:] for _, rec in _halu_test_records()) + "\x00" + halu_prompt_prefix()
+
+
+def in_halu_test(user_query: str) -> bool:
+    """Return True if `user_query` is a test prompt's query or occurs anywhere in a test prompt."""
+    return user_query in halu_test_queries() or user_query in _halu_test_text()
+
+
+@lru_cache(maxsize=1)
+def halu_train_pool() -> HaluTrainPool:
+    """Return the HaluEval training pool, disjoint from the test prompts (by query, and by
+    containment of the query text anywhere in a test prompt as a second guard)."""
+    examples, in_test, too_long = [], 0, 0
+    for line, row in read_records(HALU_POOL_FILE):
+        if in_halu_test(row["user_query"]):
+            in_test += 1
+            continue
+        prompt = halu_prompt(row["user_query"], row["chatgpt_response"])
+        if len(prompt) > HALU_MAX_PROMPT_CHARS:
+            too_long += 1
+            continue
+        messages = (_user(prompt), {"role": "assistant", "content": halu_target(row)})
+        examples.append(Example(f"halu-cot-json:train:{line}", messages, "task", str(HALU_POOL_FILE), line))
+    log.info("halu-cot-json train pool: %d rows; skipped %d in test, %d prompts over %d chars",
+             len(examples), in_test, too_long, HALU_MAX_PROMPT_CHARS)
+    return HaluTrainPool(tuple(examples), in_test, too_long)
+
+
+@lru_cache(maxsize=1)
+def _halu_test_rows() -> tuple[TestRow, ...]:
+    return tuple(TestRow(f"halu-cot-json:test:{line}", (_user(rec["prompt"]),), rec["response"])
+                 for line, rec in _halu_test_records())
+
+
+def _halu_task() -> Task:
+    # Training keeps HaluEval's natural label mix (~18% "yes"), like the test set's (~19%).
+    return Task(
+        name="halu-cot-json",
+        train_examples=lambda n, seed: _train_sample(halu_train_pool().examples, n, seed, "halu-cot-json"),
+        test_rows=lambda limit, seed: seeded_sample(_halu_test_rows(), limit, seed),
+        score=metrics.halu_json_scores,
+        row_scores=metrics.halu_json_row_scores,
+        max_new_tokens=192,
+    )
+
+
+# --- is-en-news -------------------------------------------------------------------------------
+
+NEWS_DIR = DATASETS_DIR / "is_en_news"
+N_SHOTS = 2
+# References open with "Sure, here is the Icelandic translation: \n\n " (so will imitating outputs).
+_PREAMBLE = re.compile(r"\A\s*Sure, here is the \w+ translation:\s*")
+# A base model continuing the few-shot pattern starts a new instruction after its translation.
+_NEXT_INSTRUCTION = re.compile(r"\n\s*This text is in \w+ and needs to be translated")
+
+
+def clean_translation(text: str) -> str:
+    """Return the translation proper: without the "Sure, here is the X translation:" preamble and
+    cut before any following "This text is in ..." instruction (a continued few-shot pattern)."""
+    match = _NEXT_INSTRUCTION.search(text)
+    text = text[: match.start()] if match else text
+    return _PREAMBLE.sub("", text).strip()
+
+
+def news_scores(outputs: list[str], references: list[str]) -> dict:
+    """Return metrics.translation_scores (chrF++, BLEU; 0-100) of the cleaned outputs and references."""
+    return metrics.translation_scores([clean_translation(o) for o in outputs],
+                                      [clean_translation(r) for r in references])
+
+
+def news_row_scores(outputs: list[str], references: list[str]) -> list[float]:
+    """Return per-row sentence chrF++ (0-100) of the cleaned outputs and references."""
+    return metrics.translation_row_scores([clean_translation(o) for o in outputs],
+                                          [clean_translation(r) for r in references])
+
+
+@lru_cache(maxsize=4)
+def _news_examples(split: str, direction: str) -> tuple[Example, ...]:
+    path = NEWS_DIR / f"{split}-{direction}.jsonl"
+    return tuple(read_task_examples(path, f"is-en-news:{direction}:{split}"))
+
+
+def news_shots(direction: str) -> tuple[Example, ...]:
+    """Return the fixed few-shot examples: the N_SHOTS shortest dev rows (query + response
+    characters; ties by line), in file order, so they fit a small model's context."""
+    dev = _news_examples("dev", direction)
+    shortest = sorted(dev, key=lambda e: (len(e.messages[0]["content"]) + len(e.answer), e.line))[:N_SHOTS]
+    return tuple(sorted(shortest, key=lambda e: e.line))
+
+
+def news_prompt(direction: str, query: str) -> str:
+    """Return the 2-shot prompt: each shot as "query\\nresponse", the shots and the test query
+    joined by blank lines ("\\n\\n"); the model continues with the translation."""
+    shots = [f"{s.messages[0]['content']}\n{s.answer}" for s in news_shots(direction)]
+    return "\n\n".join([*shots, query])
+
+
+@lru_cache(maxsize=2)
+def _news_test_rows(direction: str) -> tuple[TestRow, ...]:
+    return tuple(TestRow(e.id, (_user(news_prompt(direction, e.messages[0]["content"])),), e.answer)
+                 for e in _news_examples("test", direction))
+
+
+def _news_task(direction: str) -> Task:
+    name = f"is-en-news:{direction}"
+    return Task(
+        name=name,
+        train_examples=lambda n, seed: _train_sample(_news_examples("dev", direction), n, seed, name),
+        test_rows=lambda limit, seed: seeded_sample(_news_test_rows(direction), limit, seed),
+        score=news_scores,
+        row_scores=news_row_scores,
+        max_new_tokens=512,
+    )
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "halu-cot-json": _halu_task,
+    "is-en-news:en-is": lambda: _news_task("en-is"),
+    "is-en-news:is-en": lambda: _news_task("is-en"),
+}
+ALIASES = {"is-en-news": "is-en-news:en-is", "en-is": "is-en-news:en-is", "is-en": "is-en-news:is-en"}
+
+
+# --- user tasks -------------------------------------------------------------------------------
+
+def _load_schema(schema_file: str | Path | None) -> dict:
+    if schema_file is None:
+        raise TellInputError("metric 'json-schema' needs a JSON schema file (schema_file)",
+                             field="schema_file")
+    path = Path(schema_file)
+    if not path.is_file():
+        raise TellInputError("schema file not found", path)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise TellInputError(f"malformed JSON schema: {err.msg} at column {err.colno}", path,
+                             err.lineno) from None
+    if not isinstance(schema, dict):
+        raise TellInputError("a JSON schema must be a JSON object", path, 1)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise TellInputError(f"not a valid JSON schema: {err.message}", path) from None
+    return schema
+
+
+def _compile_pattern(pattern: str | None) -> str:
+    if pattern is None:
+        raise TellInputError("metric 'regex' needs a pattern (pattern)", field="pattern")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise TellInputError(f"invalid regular expression {pattern!r}: {err}", field="pattern") from None
+    return pattern
+
+
+def _exact_scorers(**_) -> tuple[Callable, Callable]:
+    return metrics.exact_scores, metrics.exact_row_scores
+
+
+def _regex_scorers(pattern=None, **_) -> tuple[Callable, Callable]:
+    pattern = _compile_pattern(pattern)
+    return (lambda o, r: metrics.regex_scores(o, r, pattern),
+            lambda o, r: metrics.regex_row_scores(o, r, pattern))
+
+
+def _schema_scorers(schema_file=None, **_) -> tuple[Callable, Callable]:
+    schema = _load_schema(schema_file)
+    return (lambda o, r: metrics.json_schema_scores(o, r, schema),
+            lambda o, r: metrics.json_schema_row_scores(o, r, schema))
+
+
+def _translation_scorers(row_metric: str) -> Callable[..., tuple[Callable, Callable]]:
+    # chrf and bleu both report the two corpus scores; they differ in the per-row score.
+    return lambda **_: (metrics.translation_scores,
+                        lambda o, r: metrics.translation_row_scores(o, r, row_metric))
+
+
+USER_METRICS: dict[str, Callable[..., tuple[Callable, Callable]]] = {
+    "json-schema": _schema_scorers,
+    "exact": _exact_scorers,
+    "regex": _regex_scorers,
+    "chrf": _translation_scorers("chrf"),
+    "bleu": _translation_scorers("bleu"),
+}
+USER_MAX_NEW_TOKENS = {"json-schema": 256, "exact": 256, "regex": 256, "chrf": 512, "bleu": 512}
+
+
+def _user_task(name: str, test_file: str | Path, metric: str | None, schema_file, pattern,
+               train_file) -> Task:
+    if metric is None:
+        raise TellInputError(f"a user task needs a metric, one of: {', '.join(USER_METRICS)}",
+                             field="metric")
+    if metric not in USER_METRICS:
+        raise TellInputError(did_you_mean("metric", metric, list(USER_METRICS)), field="metric")
+    score, row_scores = USER_METRICS[metric](schema_file=schema_file, pattern=pattern)
+    tests = tuple(TestRow(e.id, e.prompt_messages, e.answer)
+                  for e in read_task_examples(test_file, f"{name}:test"))
+    train = _user_train_pool(name, train_file, tests) if train_file is not None else None
+
+    def train_examples(n_rows: int | None, seed: int) -> list[Example]:
+        if train is None:
+            raise TellInputError(f"user task '{name}' has no training file (train_file)", field="train_file")
+        return _train_sample(train, n_rows, seed, name)
+
+    return Task(name=name, train_examples=train_examples,
+                test_rows=lambda limit, seed: seeded_sample(tests, limit, seed),
+                score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric])
+
+
+def _user_train_pool(name: str, train_file, tests: Sequence[TestRow]) -> tuple[Example, ...]:
+    # A training row whose prompt is also a test prompt would leak the answer into the score.
+    test_prompts = {json.dumps(t.messages, sort_keys=True) for t in tests}
+    rows = read_task_examples(train_file, f"{name}:train")
+    kept = tuple(e for e in rows if json.dumps(e.prompt_messages, sort_keys=True) not in test_prompts)
+    if len(kept) < len(rows):
+        log.warning("user task %s: dropped %d training rows whose prompt is also a test prompt",
+                    name, len(rows) - len(kept))
+    return kept
+
+
+def get_task(name: str, test_file: str | Path | None = None, metric: str | None = None,
+             schema_file: str | Path | None = None, pattern: str | None = None,
+             train_file: str | Path | None = None) -> Task:
+    """Return a built-in task by name (or alias), or a user task when `test_file` is given.
+
+    A user task is named `name` (``user`` if empty); its test file holds prompt/answer rows in
+    any shape data.record_to_messages reads, and `metric` is one of USER_METRICS.
+    """
+    canonical = ALIASES.get(name, name)
+    if test_file is not None:
+        if canonical in TASKS:
+            raise TellInputError(f"'{name}' is a built-in task; drop the test file or name the user task "
+                                 f"differently (e.g. 'user')", field="task")
+        return _user_task(name or "user", test_file, metric, schema_file, pattern, train_file)
+    if canonical not in TASKS:
+        message = did_you_mean("task", name, [*TASKS, *ALIASES])
+        raise TellInputError(message + "; or give a test file (and a metric) for a user task", field="task")
+    return TASKS[canonical]()

@@ -1,0 +1,323 @@
+"""Stage 5 — train: one LoRA pass over the mix.
+
+In: a base model, its tokenizer, a Mix, a TrainConfig and an output directory. Out: a PEFT adapter
+(``adapter/``), a per-step log with the loss split by source (``train_log.jsonl``), a loss-curve PNG and
+``train_summary.json``. The loop is hand-written because on CPU it is ~2x TRL (see MEASUREMENTS):
+each optimizer batch is split into length-sorted micro-batches of at most ``micro_batch_tokens`` padded
+tokens (the gradient is the whole batch's), and the LM head runs only where a label exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tell.config import TrainConfig
+from tell.data import TellInputError
+from tell.mix import Mix, encode_examples
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    optimizer_steps: int
+    planned_steps: int
+    warmup_steps: int
+    trained_tokens: int
+    label_tokens: int
+    train_flops: float
+    wall_s: float
+    tokens_per_s: float
+    final_loss: float
+    final_loss_task: float | None
+    final_loss_general: float | None
+
+
+@dataclass(frozen=True)
+class _Row:
+    input_ids: tuple[int, ...]
+    labels_from: int
+    source: str
+
+
+def training_rows(tokenizer, mix: Mix, max_length: int) -> list[_Row]:
+    """Return the mix encoded for training: ids truncated to max_length, labels after the prompt."""
+    encoded = encode_examples(tokenizer, [r.example for r in mix.rows])
+    return [_Row(e.input_ids[:max_length], e.prompt_tokens, r.example.source)
+            for e, r in zip(encoded, mix.rows)]
+
+
+def epoch_batches(rows: list[_Row], batch_size: int, epochs: int, seed: int) -> list[list[_Row]]:
+    """Return the optimizer batches: the mix order in epoch 1, a seeded reshuffle in later epochs."""
+    batches, rng = [], random.Random(f"{seed}-epochs")
+    for epoch in range(epochs):
+        order = rows[:] if epoch == 0 else rng.sample(rows, len(rows))
+        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches
+
+
+def micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
+    """Return length-sorted groups whose padded size (longest × count) stays within max_tokens."""
+    groups, current = [], []
+    for row in sorted(batch, key=lambda r: len(r.input_ids)):
+        if current and len(row.input_ids) * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(row)
+    return groups + [current] if current else groups
+
+
+def collate(rows: list[_Row], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Return right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        mask[i, :n] = 1
+        labels[i, r.labels_from:n] = ids[i, r.labels_from:n]
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _causal_lm(model):
+    """Return the underlying *ForCausalLM module of a (PEFT-wrapped) model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner
+
+
+def _has_plain_head(causal_lm) -> bool:
+    config = causal_lm.config
+    # Soft-capped or scaled logits need the model's own forward; the fast path skips it.
+    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale",
+                                                        "output_multiplier_scale"))
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (per-token CE losses at labelled positions, row index of each) for a micro-batch."""
+    causal_lm = _causal_lm(model)
+    targets = batch["labels"][:, 1:]
+    where = targets != IGNORE
+    if _has_plain_head(causal_lm):
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state[:, :-1]
+        logits = causal_lm.get_output_embeddings()(hidden[where])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1][where]
+    losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[where]
+    return losses, rows
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Return the model wrapped with fresh LoRA adapters (seeded init), base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=[m.strip() for m in cfg.target_modules.split(",") if m.strip()],
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise TellInputError(f"cannot add LoRA: {err}", None, None, "train.target_modules") from None
+
+
+def flops_per_token(model) -> tuple[float, float]:
+    """Return (FLOPs per trained token, extra FLOPs per labelled token) of a LoRA step.
+
+    Frozen base: forward 2N + backward through activations 2N for the N non-embedding weights;
+    weight gradients exist only for LoRA (negligible). LM head (V×H) forward+backward only where labelled.
+    """
+    causal_lm = _causal_lm(model)
+    head = causal_lm.get_output_embeddings().weight
+    embed = causal_lm.get_input_embeddings().weight
+    params = sum(p.numel() for n, p in causal_lm.named_parameters() if "lora_" not in n)
+    tied = head.data_ptr() == embed.data_ptr()
+    non_embedding = params - embed.numel() - (0 if tied else head.numel())
+    return 4.0 * non_embedding, 4.0 * head.numel()
+
+
+class StepLogger:
+    """Append step records to train_log.jsonl (flushed each step) and stream them to a tracker."""
+
+    def __init__(self, path: Path, report_to: str, run_config: dict):
+        self.file = open(path, "a", encoding="utf-8")
+        self.tracker = _open_tracker(report_to, path.parent, run_config)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tracker:
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
+            self.tracker(metrics, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def check_tracker(report_to: str) -> None:
+    """Raise before training when the chosen tracker library is not installed."""
+    module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(report_to)
+    if module is None:
+        return
+    try:
+        __import__(module)
+        if report_to == "tensorboard":
+            __import__("tensorboard")
+    except ImportError:
+        raise TellInputError(f"--report-to {report_to} needs the '{report_to}' package: pip install "
+                             f"{report_to}", None, None, "train.report_to") from None
+
+
+def _open_tracker(report_to: str, out_dir: Path, run_config: dict):
+    check_tracker(report_to)
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] and writer.flush()
+    if report_to == "wandb":
+        import wandb
+        wandb.init(project="tell", config=run_config, dir=str(out_dir))
+        return lambda m, step: wandb.log(m, step=step)
+    if report_to == "mlflow":
+        import mlflow
+        mlflow.start_run()
+        return lambda m, step: mlflow.log_metrics(m, step=step)
+    return None
+
+
+def plan_schedule(n_rows: int, cfg: TrainConfig) -> tuple[int, int]:
+    """Return (optimizer steps, warmup steps), warning when the run is too short to learn."""
+    steps = math.ceil(n_rows / cfg.batch_size) * cfg.epochs
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    warmup = math.ceil(cfg.warmup_ratio * steps)  # as transformers' get_warmup_steps
+    if steps < 10:
+        warnings.warn(f"training takes only {steps} optimizer step(s); with batch {cfg.batch_size} the "
+                      "adapter can barely move (consider more rows, epochs or a smaller batch)", stacklevel=2)
+    if warmup >= steps:
+        warnings.warn(f"warmup ({warmup} steps) covers every one of the {steps} steps: the learning rate "
+                      "never leaves warmup and the first step has lr 0", stacklevel=2)
+    return steps, warmup
+
+
+def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path,
+               autocast: torch.dtype | None = None, run_config: dict | None = None):
+    """Return (peft model, TrainResult) after training LoRA on the mix; writes adapter and logs."""
+    from transformers import get_linear_schedule_with_warmup
+    from tqdm.auto import tqdm
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    rows = training_rows(tokenizer, mix, mix.manifest.get("max_length") or 10**9)
+    steps, warmup = plan_schedule(len(rows), cfg)
+    batches = epoch_batches(rows, cfg.batch_size, cfg.epochs, cfg.seed)[:steps]
+    model = add_lora(model, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    per_token, per_label = flops_per_token(model)
+    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to, run_config or {})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    totals = {"tokens": 0, "labels": 0, "flops": 0.0}
+    start, record = time.perf_counter(), {}
+    bar = tqdm(batches, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        for step, batch in enumerate(bar, start=1):
+            record = _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            totals["tokens"] += record["tokens"]
+            totals["labels"] += record["label_tokens"]
+            totals["flops"] += per_token * record["tokens"] + per_label * record["label_tokens"]
+            elapsed = time.perf_counter() - start
+            record.update(step=step, lr=lr, trained_tokens=totals["tokens"], train_flops=totals["flops"],
+                          elapsed_s=round(elapsed, 3), tokens_per_s=round(totals["tokens"] / elapsed, 2))
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    finally:
+        bar.close()
+        logger.close()
+    wall = time.perf_counter() - start
+    model.save_pretrained(out_dir / "adapter")
+    result = TrainResult(
+        optimizer_steps=len(batches), planned_steps=steps, warmup_steps=warmup,
+        trained_tokens=totals["tokens"], label_tokens=totals["labels"], train_flops=totals["flops"],
+        wall_s=round(wall, 3), tokens_per_s=round(totals["tokens"] / max(wall, 1e-9), 2),
+        final_loss=record.get("loss", float("nan")), final_loss_task=_last(out_dir, "loss_task"),
+        final_loss_general=_last(out_dir, "loss_general"))
+    (out_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    plot_loss_curve(out_dir / "train_log.jsonl", out_dir / "loss_curve.png")
+    model.eval()
+    return model, result
+
+
+def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer) -> dict:
+    """Run one optimizer step over length-sorted micro-batches; return the step's log record."""
+    label_total = sum(len(r.input_ids) - r.labels_from for r in batch)
+    sums = {"task": [0.0, 0], "general": [0.0, 0]}
+    tokens = 0
+    for group in micro_batches(batch, cfg.micro_batch_tokens):
+        inputs = collate(group, pad_id, device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            losses, row_of = token_losses(model, inputs)
+        (losses.sum() / max(label_total, 1)).backward()
+        tokens += int(inputs["attention_mask"].sum())
+        detached = losses.detach()
+        for i, row in enumerate(group):
+            mine = detached[row_of == i]
+            sums[row.source][0] += float(mine.sum())
+            sums[row.source][1] += mine.numel()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = sum(s for s, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
+    return {"loss": total_loss, "tokens": tokens, "label_tokens": label_total,
+            "loss_task": sums["task"][0] / sums["task"][1] if sums["task"][1] else None,
+            "loss_general": sums["general"][0] / sums["general"][1] if sums["general"][1] else None,
+            "task_label_tokens": sums["task"][1], "general_label_tokens": sums["general"][1]}
+
+
+def _last(out_dir: Path, key: str) -> float | None:
+    values = [r[key] for r in read_log(out_dir / "train_log.jsonl") if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """Return the step records of a train_log.jsonl."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(log_path: Path, png_path: Path) -> None:
+    """Write a PNG with the loss of task rows and of general rows per optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("loss_general", "general rows", "-"), ("loss_task", "task rows", "o-")):
+        points = [(r["step"], r[key]) for r in log if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on assistant tokens")
+    ax.set_title("Training loss by source (task rows appear only in some steps)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

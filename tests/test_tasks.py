@@ -1,0 +1,239 @@
+"""Tests of tell.tasks: Halu-CoT-JSON train/test disjointness and prompt format, IS-EN 2-shot
+prompts, seeded sampling, and user tasks with each metric and their input errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tell import tasks
+from tell.data import TellInputError, read_records
+from tell.metrics import HALU_SCHEMA, parse_strict
+
+
+@pytest.fixture(scope="module")
+def halu_test():
+    return read_records(tasks.HALU_TEST_FILE)
+
+
+@pytest.fixture(scope="module")
+def pool_rows():
+    return read_records(tasks.HALU_POOL_FILE)
+
+
+# --- halu-cot-json ----------------------------------------------------------------------------
+
+def test_train_pool_is_disjoint_from_test_prompts(halu_test, pool_rows):
+    pool = tasks.halu_train_pool()
+    assert len(pool.examples) + pool.skipped_in_test + pool.skipped_too_long == len(pool_rows)
+    assert pool.skipped_in_test >= len(halu_test)  # every test prompt comes from a HaluEval row
+    test_text = "\n".join(rec["prompt"] for _, rec in halu_test)
+    test_queries = {tasks.halu_query_of(rec["prompt"]) for _, rec in halu_test}
+    by_line = dict(pool_rows)
+    for example in pool.examples:
+        query = by_line[example.line]["user_query"]
+        assert query not in test_queries and query not in test_text, example.id
+        assert example.prompt_messages[0]["content"] not in test_text
+    ids = [e.id for e in pool.examples]
+    assert len(set(ids)) == len(ids)
+
+
+def test_rebuilt_prompts_equal_test_prompts(halu_test, pool_rows):
+    by_query = {rec["user_query"]: rec for _, rec in pool_rows}
+    for _, rec in halu_test:  # all 1006 test prompts, rebuilt from their HaluEval rows
+        row = by_query[tasks.halu_query_of(rec["prompt"])]
+        assert tasks.halu_prompt(row["user_query"], row["chatgpt_response"]) == rec["prompt"]
+    assert tasks.halu_prompt_prefix().startswith("Role and Goal:")
+
+
+def test_train_targets_validate_and_match_labels(pool_rows):
+    by_line = dict(pool_rows)
+    for example in tasks.halu_train_pool().examples:
+        assert [m["role"] for m in example.messages] == ["user", "assistant"]
+        assert example.source == "task"
+        answer = parse_strict(example.answer, HALU_SCHEMA)
+        assert answer is not None, example.id
+        assert answer["hallucination"] == by_line[example.line]["hallucination"]
+
+
+def test_thought_quotes_spans_and_clips_long_ones():
+    row = {"hallucination": "yes", "chatgpt_response": "Paris is in Spain. " + "x" * 500,
+           "hallucination_spans": ["Paris is in Spain.", "x" * 500, "Incomplete answer"]}
+    thought = tasks.halu_thought(row)
+    assert '"Paris is in Spain."' in thought and "Problems noted: Incomplete answer." in thought
+    assert "x" * tasks.SPAN_MAX_CHARS + "..." in thought and "x" * (tasks.SPAN_MAX_CHARS + 1) not in thought
+    assert tasks.halu_thought({**row, "hallucination_spans": []}) == tasks.HALU_YES_GENERIC
+    assert tasks.halu_thought({**row, "hallucination": "no"}) == tasks.HALU_NO_THOUGHT
+    assert json.loads(tasks.halu_target(row)) == {"thought": thought, "hallucination": "yes"}
+
+
+def test_halu_sampling_is_seeded():
+    task = tasks.get_task("halu-cot-json")
+    a, b, c = task.train_examples(15, 0), task.train_examples(15, 0), task.train_examples(15, 1)
+    assert len(a) == 15 and a == b and a != c
+    assert set(e.id for e in a) <= set(e.id for e in task.train_examples(60, 0))  # nested per seed
+    assert len(task.train_examples(None, 0)) == len(tasks.halu_train_pool().examples)
+    with pytest.raises(TellInputError, match="training rows"):
+        task.train_examples(10 ** 6, 0)
+    rows = task.test_rows(20, 5)
+    assert rows == task.test_rows(20, 5) and rows != task.test_rows(20, 6)
+    assert [r.id for r in rows] == sorted((r.id for r in rows), key=lambda i: int(i.rsplit(":", 1)[1]))
+    every = task.test_rows(None, 0)
+    assert len(every) == 1006 and every[0].id == "halu-cot-json:test:1"
+    assert every[0].messages[0]["role"] == "user" and every[0].reference in ("yes", "no")
+    assert task.max_new_tokens == 192
+
+
+def test_halu_task_scores():
+    task = tasks.get_task("halu-cot-json")
+    rows = task.test_rows(4, 0)
+    outputs = [json.dumps({"thought": "t", "hallucination": r.reference}) for r in rows]
+    scores = task.score(outputs, [r.reference for r in rows])
+    assert scores["label_accuracy"] == 1.0 and scores["json_adherence_strict"] == 1.0
+    assert task.row_scores(outputs, [r.reference for r in rows]) == [1.0] * 4
+
+
+# --- is-en-news -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["en-is", "is-en"])
+def test_two_shot_prompt(direction):
+    task = tasks.get_task(f"is-en-news:{direction}")
+    shots = tasks.news_shots(direction)
+    dev = read_records(tasks.NEWS_DIR / f"dev-{direction}.jsonl")
+    lengths = sorted(len(r["query"]) + len(r["response"]) for _, r in dev)
+    assert len(shots) == 2
+    assert sorted(len(s.messages[0]["content"]) + len(s.answer) for s in shots) == lengths[:2]
+    test = read_records(tasks.NEWS_DIR / f"test-{direction}.jsonl")
+    rows = task.test_rows(None, 0)
+    assert len(rows) == len(test)
+    for row, (_, rec) in zip(rows, test):
+        prompt = row.messages[0]["content"]
+        assert len(row.messages) == 1 and row.reference == rec["response"]
+        assert prompt.endswith("\n\n" + rec["query"])
+        for shot in shots:
+            assert f"{shot.messages[0]['content']}\n{shot.answer}\n\n" in prompt
+    assert task.max_new_tokens == 512
+
+
+def test_news_training_rows_are_dev_rows():
+    task = tasks.get_task("en-is")
+    assert task.name == "is-en-news:en-is" and tasks.get_task("is-en-news").name == "is-en-news:en-is"
+    assert tasks.get_task("is-en").name == "is-en-news:is-en"
+    dev = read_records(tasks.NEWS_DIR / "dev-en-is.jsonl")
+    examples = task.train_examples(None, 0)
+    assert [e.answer for e in examples] == [r["response"] for _, r in dev]
+    assert all(e.source == "task" and e.file.endswith("dev-en-is.jsonl") for e in examples)
+    assert task.train_examples(5, 2) == task.train_examples(5, 2) != task.train_examples(5, 3)
+
+
+def test_clean_translation_and_news_scores():
+    ref = "Sure, here is the Icelandic translation: \n\n Halló heimur\nGóðan dag."
+    out = ref + "\n\nThis text is in English and needs to be translated into Icelandic. Please"
+    assert tasks.clean_translation(out) == "Halló heimur\nGóðan dag."
+    assert tasks.clean_translation("Halló") == "Halló"
+    scores = tasks.news_scores([out], [ref])
+    assert scores["chrf"] == pytest.approx(100.0) and scores["bleu"] == pytest.approx(100.0)
+    assert tasks.news_row_scores(["Sure, here is the Icelandic translation: xyz"], [ref])[0] < 20.0
+
+
+# --- user tasks -------------------------------------------------------------------------------
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def user_files(tmp_path):
+    test = _write_jsonl(tmp_path / "test.jsonl", [
+        {"prompt": "Capital of France?", "response": "Paris"},
+        {"instruction": "Capital of Iceland?", "input": "", "output": "Reykjavík"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+    ])
+    train = _write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": "Capital of Norway?", "response": "Oslo"},
+        {"prompt": "Capital of France?", "response": "Paris"},  # also a test prompt: dropped
+    ])
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["answer"]}), encoding="utf-8")
+    return test, train, schema
+
+
+def test_user_task_rows(user_files):
+    test, train, _ = user_files
+    task = tasks.get_task("capitals", test_file=test, metric="exact", train_file=train)
+    rows = task.test_rows(None, 0)
+    assert [r.reference for r in rows] == ["Paris", "Reykjavík", "4"]
+    assert rows[2].messages == ({"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "2+2?"})
+    assert all(m["role"] != "assistant" for r in rows for m in r.messages)
+    assert [e.answer for e in task.train_examples(None, 0)] == ["Oslo"]
+    assert task.name == "capitals" and tasks.get_task("", test_file=test, metric="exact").name == "user"
+
+
+def test_user_task_each_metric(user_files):
+    test, _, schema = user_files
+    refs = ["Paris", "Reykjavík", "4"]
+    outs = ["Paris", '{"answer": "Reykjavík"}', " 4 "]
+    exact = tasks.get_task("u", test_file=test, metric="exact")
+    assert exact.score(outs, refs)["exact_match"] == pytest.approx(2 / 3)
+    regex = tasks.get_task("u", test_file=test, metric="regex", pattern=r"^\s*\d+\s*$")
+    assert regex.row_scores(outs, refs) == [0.0, 0.0, 1.0] and "regex_match" in regex.score(outs, refs)
+    js = tasks.get_task("u", test_file=test, metric="json-schema", schema_file=schema)
+    scores = js.score(outs, refs)
+    assert scores["json_adherence_strict"] == pytest.approx(1 / 3)
+    assert js.row_scores(outs, refs) == [0.0, 1.0, 0.0]
+    for metric in ("chrf", "bleu"):
+        task = tasks.get_task("u", test_file=test, metric=metric)
+        assert set(task.score(refs, refs)) >= {"n", "chrf", "bleu", "ci95"}
+        assert task.row_scores(refs, refs) == [pytest.approx(100.0)] * 3
+        assert task.max_new_tokens == 512
+
+
+def test_user_task_without_train_file_says_so(user_files):
+    task = tasks.get_task("u", test_file=user_files[0], metric="exact")
+    with pytest.raises(TellInputError, match="no training file"):
+        task.train_examples(5, 0)
+
+
+def test_user_task_errors(user_files, tmp_path):
+    test, _, _ = user_files
+    with pytest.raises(TellInputError, match="needs a JSON schema file"):
+        tasks.get_task("u", test_file=test, metric="json-schema")
+    with pytest.raises(TellInputError, match="schema file not found"):
+        tasks.get_task("u", test_file=test, metric="json-schema", schema_file=tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object",\n "required": }', encoding="utf-8")
+    with pytest.raises(TellInputError, match=r"bad.json:2: malformed JSON schema"):
+        tasks.get_task("u", test_file=test, metric="json-schema", schema_file=bad)
+    bad.write_text('{"type": 12}', encoding="utf-8")
+    with pytest.raises(TellInputError, match="not a valid JSON schema"):
+        tasks.get_task("u", test_file=test, metric="json-schema", schema_file=bad)
+    with pytest.raises(TellInputError, match=r"unknown metric 'exactt'; did you mean 'exact'\?.*json-schema"):
+        tasks.get_task("u", test_file=test, metric="exactt")
+    with pytest.raises(TellInputError, match="needs a metric"):
+        tasks.get_task("u", test_file=test)
+    with pytest.raises(TellInputError, match="needs a pattern"):
+        tasks.get_task("u", test_file=test, metric="regex")
+    with pytest.raises(TellInputError, match="invalid regular expression"):
+        tasks.get_task("u", test_file=test, metric="regex", pattern="(unclosed")
+    with pytest.raises(TellInputError, match="file not found"):
+        tasks.get_task("u", test_file=tmp_path / "missing.jsonl", metric="exact")
+    with pytest.raises(TellInputError, match="built-in task"):
+        tasks.get_task("halu-cot-json", test_file=test, metric="exact")
+
+
+def test_unknown_task_suggests():
+    with pytest.raises(TellInputError, match=r"unknown task 'halu-cot-jsn'; did you mean 'halu-cot-json'"):
+        tasks.get_task("halu-cot-jsn")
+    with pytest.raises(TellInputError, match="is-en-news:en-is"):
+        tasks.get_task("nonsense")
+
+
+def test_seeded_sample_edge_cases():
+    items = list(range(10))
+    assert tasks.seeded_sample(items, None, 0) == items and tasks.seeded_sample(items, 50, 0) == items
+    assert tasks.seeded_sample(items, 0, 0) == []
+    with pytest.raises(ValueError):
+        tasks.seeded_sample(items, -1, 0)
