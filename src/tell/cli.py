@@ -40,6 +40,19 @@ SHORT_FLAGS = {
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
     "--out": (("out",), {"help": "output directory"}),
 }
+# flags whose meaning is the task *name* (evaluation verbs), not the task *file* (mix/train)
+EVAL_FLAGS = {
+    "--task": (("eval.task",), {"help": "halu-cot-json (default), is-en-news:en-is, is-en-news:is-en, or a "
+                                        "name for your own task given with --test and --metric"}),
+    "--test": (("eval.test",), {"help": "user task: JSONL of prompt/answer rows to evaluate on"}),
+    "--train": (("data.task",), {"help": "user task: JSONL of training rows (compare)"}),
+    "--metric": (("eval.metric",), {"help": "user task metric: json-schema, exact, regex, chrf, bleu"}),
+    "--schema": (("eval.schema",), {"help": "JSON schema file for --metric json-schema"}),
+    "--pattern": (("eval.pattern",), {"help": "regular expression for --metric regex"}),
+    "--limit": (("eval.limit",), {"type": int, "help": "seeded sample of N test rows (0 = all; default 100)"}),
+    "--task-rows": (("compare.task_rows",), {"type": int, "help": "task training rows (default 15)"}),
+    "--arms": (("compare.arms",), {"help": "comma list of base, base-anchor, sft, sft-matched, tell, general"}),
+}
 VERB_FLAGS = {
     "mix": ["--task", "--general", "--prompt-field", "--response-field", "--anchor", "--anchor-file",
             "--anchor-placement", "--ratio", "--mode", "--order", "--seed", "--count-tokenizer",
@@ -48,11 +61,25 @@ VERB_FLAGS = {
 }
 VERB_FLAGS["train"] = VERB_FLAGS["mix"] + ["--dtype", "--device", "--lr", "--batch-size", "--epochs",
                                            "--max-steps", "--report-to"]
+VERB_FLAGS["eval"] = ["--task", "--test", "--metric", "--schema", "--pattern", "--limit", "--model",
+                      "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device", "--out"]
+VERB_FLAGS["score"] = ["--task", "--test", "--metric", "--schema", "--pattern", "--out"]
+VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", "--pattern", "--limit",
+                         "--task-rows", "--arms", "--ratio", "--anchor", "--anchor-file", "--anchor-placement",
+                         "--general", "--order", "--model", "--seed", "--lr", "--batch-size", "--max-new-tokens",
+                         "--greedy", "--dtype", "--device", "--count-tokenizer", "--max-length", "--on-long", "--out"]
+
+
+def _flag_table(verb: str) -> dict:
+    table = dict(SHORT_FLAGS)
+    if verb in ("eval", "score", "compare"):
+        table.update(EVAL_FLAGS)
+    return table
 
 
 def _add_common(parser: argparse.ArgumentParser, verb: str) -> None:
     for flag in VERB_FLAGS[verb]:
-        _, options = SHORT_FLAGS[flag]
+        _, options = _flag_table(verb)[flag]
         parser.add_argument(flag, **{"default": None, **options})
     parser.add_argument("--config", help="YAML file with the same fields (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -80,16 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", help="write {prompt, output} rows to this JSONL file")
     gen.add_argument("--no-anchor", action="store_true", help="do not apply the run's anchor")
     _add_common(gen, "generate")
+    ev = verbs.add_parser("eval", help="generate answers to a task's test rows and score them")
+    ev.add_argument("--run", help="run directory (base + adapter + its anchor); else --model alone")
+    ev.add_argument("--no-anchor", action="store_true", help="do not apply the run's anchor")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _add_common(ev, "eval")
+    score = verbs.add_parser("score", help="recompute metrics from a generations.jsonl (no model)")
+    score.add_argument("--generations", required=True, help="generations.jsonl (needs output and reference)")
+    _add_common(score, "score")
+    compare = verbs.add_parser("compare", help="the main job: base vs SFT vs TELL (+ controls), with a report")
+    compare.add_argument("--quick", action="store_true", help="4 task rows, ratio 3, 16 test rows (≤ 5 min)")
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    compare.add_argument("--no-cache", action="store_true", help="recompute every arm")
+    compare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_common(compare, "compare")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """Return defaults < YAML < short flags < dotted flags as a validated RunConfig."""
     overrides = {}
-    for flag, (keys, _) in SHORT_FLAGS.items():
+    for flag, (keys, _) in _flag_table(args.verb).items():
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             overrides.update({k: value for k in keys})
+    if getattr(args, "no_cache", False):
+        overrides["compare.cache"] = False
     if getattr(args, "allow_repeat", None):
         overrides["mix.allow_repeat"] = True
     overrides.update(dotted_overrides(extra))
@@ -102,7 +145,10 @@ def dotted_overrides(extra: list[str]) -> dict[str, str]:
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--") or "." not in arg:
-            raise TellInputError(f"unrecognised argument {arg!r} (see --help)")
+            import difflib
+            close = difflib.get_close_matches(arg, list(SHORT_FLAGS) + list(EVAL_FLAGS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (see --help)"
+            raise TellInputError(f"unrecognised argument {arg!r}{hint}")
         key, _, value = arg[2:].partition("=")
         if not value:
             if i + 1 >= len(extra):
@@ -129,7 +175,9 @@ def _dispatch(args, extra) -> int:
     from tell import experiment
     cfg = config_from_args(args, extra)
     if getattr(args, "print_config", False):
-        dump_config(cfg, "/dev/stdout")
+        import yaml
+        from tell.config import config_dict
+        sys.stdout.write(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         return 0
     if args.verb == "mix":
         out = experiment.run_mix(cfg, args.overwrite)
@@ -144,7 +192,28 @@ def _dispatch(args, extra) -> int:
             import json
             for row in rows:
                 print(json.dumps({"output": row["output"]}, ensure_ascii=False))
+    elif args.verb == "eval":
+        out, metrics = experiment.run_eval(cfg, args.run, args.overwrite, not args.no_anchor)
+        print(_metrics_text(metrics))
+        print(f"[tell] generations.jsonl and metrics.json written to {out}")
+    elif args.verb == "score":
+        metrics = experiment.run_score(cfg, args.generations, cfg.out or None)
+        print(_metrics_text(metrics))
+    elif args.verb == "compare":
+        from tell.compare import run_compare
+        from tell.report import compare_table
+        if not cfg.out:
+            cfg.out = "runs/compare"
+        results = run_compare(cfg, args.overwrite, args.quick)
+        summary = results.pop("_summary")
+        print(compare_table(results))
+        print(f"[tell] {summary['wall_s']} s; report.md, compare.png and results.json in {cfg.out}")
     return 0
+
+
+def _metrics_text(metrics: dict) -> str:
+    import json
+    return json.dumps({k: v for k, v in metrics.items() if k not in ("generation",)}, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,34 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    task: str = "halu-cot-json"
+    """Built-in task (halu-cot-json, is-en-news:en-is, is-en-news:is-en) or a name for a user task."""
+    test: str = ""
+    """User task: JSONL of prompt/answer rows to evaluate on (any row shape)."""
+    metric: str = ""
+    """User task metric: json-schema, exact, regex, chrf, bleu."""
+    schema: str = ""
+    """JSON schema file for the json-schema metric."""
+    pattern: str = ""
+    """Regular expression for the regex metric (a row scores when it is found in the output)."""
+    limit: int = 100
+    """Test rows to evaluate: a seeded sample of this many (0 = all rows)."""
+    test_seed: int = 0
+    """Seed of the test-row sample (the same rows for every arm)."""
+
+
+@dataclass
+class CompareConfig:
+    arms: str = "base,sft,tell,general"
+    """Comma-separated arms: base, base-anchor, sft, sft-matched, tell, general."""
+    task_rows: int = 15
+    """Task training rows drawn (seeded by mix.seed) from the task's training pool [paper: 15]."""
+    cache: bool = True
+    """Reuse trained runs and evaluations whose inputs did not change (under $TELL_CACHE)."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,10 +161,13 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     out: str = ""
     """Output directory of the run."""
 
 
+ARMS = ("base", "base-anchor", "sft", "sft-matched", "tell", "general")
 CHOICES = {
     "anchor.placement": ("user-prefix", "system"),
     "mix.mode": ("tell", "sft", "general"),
@@ -181,6 +213,8 @@ def coerce(value: object, typ: type, key: str, where: str = "") -> object:
             raise ValueError
         if typ in (int, float) and isinstance(value, bool):
             raise ValueError
+        if typ is str and (value is None or not isinstance(value, (str, int, float))):
+            raise ValueError  # str(None) would silently become the text 'None' (e.g. a YAML `text:`)
         return typ(value)
     except (TypeError, ValueError):
         raise TellInputError(f"'{key}' must be {typ.__name__}, got {value!r}", where or None) from None
@@ -210,7 +244,9 @@ def _yaml_flat(node, prefix="") -> dict[str, tuple[object, int]]:
         if isinstance(value_node, yaml.MappingNode):
             out.update(_yaml_flat(value_node, key + "."))
         else:
-            out[key] = (yaml.safe_load(yaml.serialize(value_node)), key_node.start_mark.line + 1)
+            # Construct the node directly: serialising an empty value (`text:`) gives '...', which no loader reads.
+            value = yaml.constructor.SafeConstructor().construct_object(value_node, deep=True)
+            out[key] = (value, key_node.start_mark.line + 1)
     return out
 
 
@@ -255,10 +291,15 @@ def validate(cfg: RunConfig) -> None:
     ratio = cfg.mix.ratio
     if str(ratio) != "max":
         try:
-            if float(ratio) < 0:
-                problems.append(f"mix.ratio = {ratio} must be >= 0 or 'max'")
+            if not 0 <= float(ratio) < math.inf:  # also false for nan
+                problems.append(f"mix.ratio = {ratio} must be a finite number >= 0 or 'max'")
         except ValueError:
             problems.append(f"mix.ratio = {ratio!r} must be a number or 'max'")
+    unknown_arms = set(cfg.compare.arms.split(",")) - set(ARMS)
+    if unknown_arms:
+        problems.append(f"compare.arms has unknown arm(s) {sorted(unknown_arms)}; choose from {list(ARMS)}")
+    if cfg.eval.limit < 0 or cfg.compare.task_rows < 1:
+        problems.append("eval.limit must be >= 0 and compare.task_rows >= 1")
     for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:

@@ -37,6 +37,8 @@ class TellInputError(ValueError):
             if field:
                 where += f" (field '{field}')"
             where += ": "
+        elif field:
+            where = f"{field}: "  # e.g. 'mix.ratio: ...' for errors about a setting rather than a file
         super().__init__(where + message)
         self.file, self.line, self.field = (str(file) if file else None), line, field
 
@@ -92,7 +94,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                              text[: text.index("\x00")].count("\n") + 1)
     if not text.strip():
         raise TellInputError("file is empty", path)
-    records = _parse_json_array(text, path) if text.lstrip().startswith("[") else _parse_jsonl(text, path)
+    is_array = text.lstrip().startswith("[") or (path.suffix == ".json" and _is_one_json_value(text))
+    records = _parse_json_array(text, path) if is_array else _parse_jsonl(text, path)
     if not records:
         raise TellInputError("file has no rows", path)
     for line, rec in records:
@@ -101,9 +104,19 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
+def _is_one_json_value(text: str) -> bool:
+    """Return True when the text is one JSON document (a .json object), not JSON lines."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _parse_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028, U+0085 etc. are legal raw inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -69,14 +69,20 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
     return PreparedMix(mix, tokenizer, anchor, max_length)
 
 
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Return `out` as a Path, or raise when it is missing or exists (checked before expensive work)."""
+    if not str(out).strip():
+        raise TellInputError("no output directory: pass --out DIR", None, None, "out")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise TellInputError("output directory already exists (pass --overwrite to replace it)", out)
+    return out
+
+
 @contextmanager
 def staged_output(out: str | Path, overwrite: bool = False):
     """Yield `<out>.partial` to write into; rename it to `out` only if the block completes."""
-    out = Path(out)
-    if not str(out):
-        raise TellInputError("no output directory: pass --out DIR", None, None, "out")
-    if out.exists() and not overwrite:
-        raise TellInputError("output directory already exists (pass --overwrite to replace it)", out)
+    out = check_output(out, overwrite)
     partial = out.with_name(out.name + ".partial")
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,11 @@ def staged_output(out: str | Path, overwrite: bool = False):
         partial.mkdir()
     except OSError as err:
         raise TellInputError(f"cannot write the output directory: {err.strerror}", out) from None
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # never leave something that looks like a run
+        raise
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -100,6 +110,7 @@ def announce(cfg: RunConfig) -> None:
 def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
     """Write the mix (mix.jsonl, manifest.json, config.yaml) to cfg.out; return the directory."""
     announce(cfg)
+    check_output(cfg.out, overwrite)
     prepared = prepare_mix(cfg)
     with staged_output(cfg.out, overwrite) as tmp:
         write_mix(prepared.mix, tmp)
@@ -112,6 +123,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
     from tell.train import check_tracker, train_lora
     announce(cfg)
     check_tracker(cfg.train.report_to)
+    check_output(cfg.out, overwrite)
     prepared = prepare_mix(cfg, task_examples, general_examples)
     with staged_output(cfg.out, overwrite) as tmp:
         write_mix(prepared.mix, tmp)
@@ -139,11 +151,15 @@ def read_prompts(path: str | None) -> list[tuple[dict, ...]]:
         return [({"role": "user", "content": line},) for line in lines]
     prompts = []
     for line, rec in read_records(path):
-        if isinstance(rec.get("prompt", rec.get("query", rec.get("instruction"))), str) and not any(
-                k in rec for k in ("response", "output", "messages")):
-            rec = {**rec, "response": ""}  # a prompt-only row: the answer is what we generate
-        messages = record_to_messages(rec, FieldMap(), path, line)
-        prompts.append(messages[:-1] if messages[-1]["role"] == "assistant" else messages)
+        messages = rec.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") != "assistant":
+            rec = {**rec, "messages": messages + [{"role": "assistant", "content": ""}]}
+        elif "instruction" in rec and "output" not in rec:
+            rec = {**rec, "output": ""}  # a prompt-only row: the answer is what we generate
+        elif not any(k in rec for k in ("response", "output", "messages", "conversations")):
+            rec = {**rec, "response": ""}
+        prompts.append(record_to_messages(rec, FieldMap(), path, line)[:-1])
     return prompts
 
 
@@ -159,3 +175,44 @@ def run_generate(run_dir: str | None, prompts_path: str | None, cfg: RunConfig, 
     if out_path:
         Path(out_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return rows
+
+
+def task_from_config(cfg: RunConfig):
+    """Return the Task named by cfg.eval (built-in, or a user task from --test/--metric)."""
+    from tell.tasks import get_task
+    return get_task(cfg.eval.task, test_file=cfg.eval.test or None, metric=cfg.eval.metric or None,
+                    schema_file=cfg.eval.schema or None, pattern=cfg.eval.pattern or None,
+                    train_file=cfg.data.task or None)
+
+
+def test_rows_from_config(cfg: RunConfig, task) -> list:
+    """Return the seeded sample of test rows that every arm is evaluated on."""
+    return task.test_rows(cfg.eval.limit or None, cfg.eval.test_seed)
+
+
+def run_eval(cfg: RunConfig, run_dir: str | None, overwrite: bool = False, use_anchor: bool = True):
+    """Evaluate a run (base + adapter + its anchor) or a plain model on a task; write generations + metrics."""
+    from tell.evaluate import evaluate, write_eval
+    from tell.generate import load_for_generation, load_run_config
+    announce(cfg)
+    task = task_from_config(cfg)
+    rows = test_rows_from_config(cfg, task)
+    if run_dir:
+        load_run_config(run_dir)  # fail on an unfinished run before the model loads
+    out = cfg.out or (str(Path(run_dir) / f"eval-{task.name.replace(':', '-')}") if run_dir else "")
+    with staged_output(out, overwrite) as tmp:
+        dump_config(cfg, tmp / "config.yaml")
+        run = load_for_generation(run_dir, cfg.model)
+        result = evaluate(run, task, rows, cfg.generate, use_anchor)
+        write_eval(result, tmp)
+    return Path(out), result.metrics
+
+
+def run_score(cfg: RunConfig, generations: str, out: str | None = None) -> dict:
+    """Recompute a task's metrics from a generations file (no model); write metrics.json if asked."""
+    from tell.evaluate import score_generations
+    metrics = score_generations(task_from_config(cfg), generations)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    return metrics

@@ -8,6 +8,7 @@ without replacement until the ratio is reached, then all rows are ordered (defau
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,8 @@ def parse_ratio(ratio: str) -> float | None:
     if str(ratio) == "max":
         return None
     value = float(ratio)
-    if value < 0:
-        raise TellInputError(f"ratio must be >= 0, got {ratio}", None, None, "mix.ratio")
+    if not 0 <= value < math.inf:  # inf would draw forever with allow_repeat; nan would draw nothing
+        raise TellInputError(f"ratio must be a finite number >= 0, got {ratio}", None, None, "mix.ratio")
     return value
 
 
@@ -116,7 +117,7 @@ def draw_general(pool_tokens: list[int], target_tokens: float | None, seed: int,
             used.add(i)
             total += pool_tokens[i]
         else:
-            if not allow_repeat:
+            if not allow_repeat and total < target_tokens:  # the pool's last row may have crossed the target
                 raise TellInputError(
                     f"the general pool has {len(pool_tokens)} rows / {sum(pool_tokens)} tokens, fewer than "
                     f"the {int(target_tokens)} tokens the ratio asks for; lower --ratio, use --ratio max, "

@@ -78,7 +78,15 @@ def _dequantised_dir(gguf: Path) -> Path:
 def load_tokenizer(name: str):
     """Return the tokenizer of a model name (see resolve_model_path), with a pad token set."""
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if not isinstance(path, str):
+            raise
+        # A mistyped relative path ('runs/x') reads as a hub id; report it as bad input, not a traceback.
+        raise TellInputError("not a local path, and loading it as a hub model id failed: "
+                             f"{str(err).splitlines()[0]}", name) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

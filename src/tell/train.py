@@ -266,7 +266,9 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
 
 def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer) -> dict:
     """Run one optimizer step over length-sorted micro-batches; return the step's log record."""
-    label_total = sum(len(r.input_ids) - r.labels_from for r in batch)
+    # Labelled positions after the one-token shift: [max(labels_from, 1), len); none when truncation cut
+    # the row inside its prompt (labels_from > len), which would otherwise count negative.
+    label_total = sum(max(0, len(r.input_ids) - max(r.labels_from, 1)) for r in batch)
     sums = {"task": [0.0, 0], "general": [0.0, 0]}
     tokens = 0
     for group in micro_batches(batch, cfg.micro_batch_tokens):

@@ -1,0 +1,85 @@
+"""Stage 7 — evaluate: generate answers to a task's test rows and score them.
+
+In: a loaded model (base, or base + adapter with the run's anchor), a Task, its test rows and a
+GenerateConfig. Out: an ``EvalResult`` — metrics (the task's keys, with 95% bootstrap intervals under
+``ci95``) and one record per row — written as ``metrics.json`` and ``generations.jsonl``. Rows whose
+prompt plus answer budget exceeds the model's context are skipped and counted, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tell.config import GenerateConfig
+from tell.data import TellInputError, read_records
+from tell.generate import LoadedRun, generate_texts, prompt_texts
+from tell.model import context_length
+from tell.tasks import Task, TestRow
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict
+    rows: list[dict]
+
+
+def fitting_rows(run: LoadedRun, rows: list[TestRow], texts: list[str], max_new_tokens: int):
+    """Return (rows, texts) whose prompt + answer budget fit the context, and the skipped count."""
+    limit = context_length(run.model)
+    keep = [i for i, t in enumerate(texts)
+            if len(run.tokenizer(t, add_special_tokens=False)["input_ids"]) + max_new_tokens <= limit]
+    return [rows[i] for i in keep], [texts[i] for i in keep], len(rows) - len(keep)
+
+
+def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfig,
+             use_anchor: bool = True, progress: bool = True) -> EvalResult:
+    """Return metrics and per-row records of the model's answers to `rows`."""
+    if not rows:
+        raise TellInputError("no test rows to evaluate", None, None, "eval.limit")
+    max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    texts = prompt_texts(run, [r.messages for r in rows], use_anchor)
+    rows, texts, skipped = fitting_rows(run, rows, texts, max_new_tokens)
+    if not rows:
+        raise TellInputError(f"every test row is longer than the model's context minus {max_new_tokens} "
+                             "new tokens", None, None, "eval.test")
+    start = time.perf_counter()
+    outputs = generate_texts(run.model, run.tokenizer, texts, cfg, max_new_tokens, progress)
+    wall = time.perf_counter() - start
+    references = [r.reference for r in rows]
+    scores = task.row_scores(outputs, references)
+    records = [{"id": r.id, "prompt": t, "output": o, "reference": r.reference, "score": s}
+               for r, t, o, s in zip(rows, texts, outputs, scores)]
+    metrics = task.score(outputs, references)
+    new_tokens = sum(len(run.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
+                   generation={**asdict(cfg), "max_new_tokens": max_new_tokens},
+                   generate_wall_s=round(wall, 2), new_tokens=new_tokens,
+                   new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2))
+    return EvalResult(metrics, records)
+
+
+def write_eval(result: EvalResult, out_dir: str | Path) -> None:
+    """Write generations.jsonl (one record per row) and metrics.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
+        for record in result.rows:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=1, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+
+
+def score_generations(task: Task, path: str | Path) -> dict:
+    """Return the task's metrics recomputed from a generations file (needs `output` and `reference`)."""
+    outputs, references = [], []
+    for line, rec in read_records(path):
+        for key in ("output", "reference"):
+            if not isinstance(rec.get(key), str):
+                raise TellInputError("missing or non-string field", path, line, key)
+        outputs.append(rec["output"])
+        references.append(rec["reference"])
+    metrics = task.score(outputs, references)
+    metrics["task"] = task.name
+    return metrics

@@ -1,0 +1,186 @@
+"""Tests of tell.mix on the tiny tokenizer: the token ratio is hit, the same seed gives the same bytes, task
+rows are spread through the mix, modes and orders, long rows, and the manifest."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from tell.config import MixConfig
+from tell.data import Example, TellInputError, load_examples
+from tell.mix import build_mix, draw_general, encode_examples, write_mix
+
+NO_LIMIT = 10**6  # max_length for tests that are not about long rows
+
+
+def task_row(i: int) -> Example:
+    return Example(f"task:claims.jsonl:{i + 1}", (
+        {"role": "user", "content": f"Claim {i}: the river is {i} km long. Is it supported?"},
+        {"role": "assistant", "content": '{"hallucination": "%s"}' % ("yes" if i % 2 else "no")},
+    ), "task", "claims.jsonl", i + 1)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return [task_row(i) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_examples("alpaca", "general")  # 999 rows
+
+
+def mix_of(task, general, tokenizer, max_length=NO_LIMIT, **options):
+    return build_mix(task, general, MixConfig(**options), tokenizer, max_length, tokenizer_name="tiny")
+
+
+def test_encoded_labels_start_exactly_at_the_answer(tiny_tokenizer, task):
+    encoded = encode_examples(tiny_tokenizer, task[:3])
+    for example, enc in zip(task, encoded):
+        answer = tiny_tokenizer.decode(enc.input_ids[enc.prompt_tokens:])
+        assert answer == example.answer + "<|im_end|>\n"
+
+
+def test_general_to_task_token_ratio_is_within_one_percent(tiny_tokenizer, task, pool):
+    mix = mix_of(task, pool, tiny_tokenizer, ratio="5")
+    m = mix.manifest
+    assert m["general_tokens"] == pytest.approx(5 * m["task_tokens"], rel=0.01)
+    assert m["ratio"] == pytest.approx(5, rel=0.01)
+    assert m["task_rows"] == 20
+    assert m["task_tokens"] == sum(r.tokens for r in mix.rows if r.example.source == "task")
+    assert m["general_tokens"] == sum(r.tokens for r in mix.rows if r.example.source == "general")
+    general_ids = [r.example.id for r in mix.rows if r.example.source == "general"]
+    assert len(general_ids) == len(set(general_ids)) == m["general_rows"]  # drawn without replacement
+
+
+def test_manifest_has_the_documented_keys(tiny_tokenizer, task, pool):
+    manifest = mix_of(task, pool, tiny_tokenizer, ratio="2").manifest
+    for key in ("task_rows", "general_rows", "task_tokens", "general_tokens", "ratio", "seed", "tokenizer",
+                "task_positions"):
+        assert key in manifest
+    assert manifest["tokenizer"] == "tiny"
+    assert manifest["seed"] == 42
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny_tokenizer, task, pool, tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_mix(mix_of(task, pool, tiny_tokenizer, ratio="5", seed=seed), tmp_path / name)
+    for file in ("mix.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert (tmp_path / "a" / "mix.jsonl").read_bytes() != (tmp_path / "c" / "mix.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "mix.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {r["source"] for r in rows} == {"task", "general"}
+    assert rows[0].keys() >= {"id", "source", "tokens", "messages"}
+
+
+def test_modes_sft_general_and_tell(tiny_tokenizer, task, pool):
+    tell = mix_of(task, pool, tiny_tokenizer, ratio="5", mode="tell")
+    sft = mix_of(task, pool, tiny_tokenizer, ratio="5", mode="sft")
+    general = mix_of(task, pool, tiny_tokenizer, ratio="5", mode="general")
+    assert {r.example.source for r in sft.rows} == {"task"}
+    assert (sft.manifest["general_rows"], sft.manifest["general_tokens"], sft.manifest["task_rows"]) == (0, 0, 20)
+    assert {r.example.source for r in general.rows} == {"general"}
+    assert (general.manifest["task_rows"], general.manifest["task_positions"]) == (0, [])
+
+    def general_ids(mix):
+        return Counter(r.example.id for r in mix.rows if r.example.source == "general")
+    assert general_ids(general) == general_ids(tell)  # the general arm sees exactly TELL's general rows
+    assert Counter(r.example.id for r in tell.rows if r.example.source == "task") == Counter(e.id for e in task)
+
+
+def test_ratio_max_uses_the_whole_pool_and_ratio_zero_none(tiny_tokenizer, task, pool):
+    whole = mix_of(task, pool, tiny_tokenizer, ratio="max")
+    assert whole.manifest["general_rows"] == len(pool) == whole.manifest["general_pool_rows"]
+    assert whole.manifest["general_tokens"] == whole.manifest["general_pool_tokens"]
+    assert len({r.example.id for r in whole.rows}) == len(pool) + len(task)
+    none = mix_of(task, pool, tiny_tokenizer, ratio="0")
+    assert none.manifest["general_rows"] == 0 and len(none.rows) == len(task)
+
+
+def test_ratio_the_pool_cannot_meet_is_an_error_unless_repeats_are_allowed(tiny_tokenizer, task, general_file):
+    small_pool = load_examples(general_file, "general")
+    with pytest.raises(TellInputError, match=r"mix\.ratio.*--allow-repeat"):
+        mix_of(task, small_pool, tiny_tokenizer, ratio="1000")
+    mix = mix_of(task, small_pool, tiny_tokenizer, ratio="1000", allow_repeat=True)
+    assert mix.manifest["general_repeats"] > 0
+    assert mix.manifest["ratio"] == pytest.approx(1000, rel=0.01)
+
+
+def test_pool_that_just_covers_the_target_is_not_refused():
+    # Two 10-token rows, target 16: the second row ends the pool and crosses the target.
+    indices, repeats = draw_general([10, 10], 16, seed=0, allow_repeat=False)
+    assert sorted(indices) == [0, 1] and repeats == 0
+
+
+@pytest.mark.parametrize("ratio", ["-1", "inf", "nan"])
+def test_invalid_ratio_is_refused(tiny_tokenizer, task, pool, ratio):
+    with pytest.raises(TellInputError, match="mix.ratio"):
+        mix_of(task, pool[:5], tiny_tokenizer, ratio=ratio, allow_repeat=True)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 42])
+def test_random_order_spreads_task_rows_over_the_whole_mix(tiny_tokenizer, task, pool, seed):
+    mix = mix_of(task, pool[:380], tiny_tokenizer, ratio="max", seed=seed)  # 20 task rows among 400
+    positions, length = mix.manifest["task_positions"], len(mix.rows)
+    assert length == 400 and len(positions) == 20
+    assert positions == [i for i, r in enumerate(mix.rows) if r.example.source == "task"]
+    quarters = {p * 4 // length for p in positions}
+    assert quarters == {0, 1, 2, 3}
+    gaps = [b - a for a, b in zip([-1] + positions, positions + [length])]
+    assert max(gaps) < length // 4  # a bunched mix would leave a gap of ~ 380
+
+
+def test_order_strategies(tiny_tokenizer, task, pool):
+    general = pool[:380]
+    first = mix_of(task, general, tiny_tokenizer, ratio="max", order="task-first").manifest["task_positions"]
+    last = mix_of(task, general, tiny_tokenizer, ratio="max", order="task-last").manifest["task_positions"]
+    spread = mix_of(task, general, tiny_tokenizer, ratio="max", order="spread").manifest["task_positions"]
+    assert first == list(range(20))
+    assert last == list(range(380, 400))
+    steps = {b - a for a, b in zip(spread, spread[1:])}
+    assert steps == {20}  # one task row in the middle of each 1/20 of the mix
+    assert spread[0] == 10
+
+
+@pytest.fixture
+def long_rows(tmp_path):
+    """Return three task rows from a file whose line 2 is far longer than the others."""
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "Short one?", "response": "Yes."},
+            {"prompt": "Long one? " + "very " * 200, "response": "Long " * 50},
+            {"prompt": "Short two?", "response": "No."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return load_examples(path, "task")
+
+
+def test_long_row_error_names_file_and_line(tiny_tokenizer, long_rows, pool):
+    with pytest.raises(TellInputError, match=r"long\.jsonl:2: row has \d+ tokens, more than max_length 64"):
+        mix_of(long_rows, pool, tiny_tokenizer, max_length=64, mode="sft")
+
+
+def test_long_rows_skipped_or_truncated_are_counted(tiny_tokenizer, long_rows, pool):
+    skip = mix_of(long_rows, [], tiny_tokenizer, max_length=64, mode="sft", on_long="skip")
+    assert skip.manifest["skipped_long"] == {"task": 1, "general": 0}
+    assert sorted(r.example.line for r in skip.rows) == [1, 3]
+    cut = mix_of(long_rows, [], tiny_tokenizer, max_length=64, mode="sft", on_long="truncate")
+    assert cut.manifest["truncated_long"] == {"task": 1, "general": 0}
+    long_row = next(r for r in cut.rows if r.example.line == 2)
+    assert long_row.truncated and long_row.tokens == 64
+    general = mix_of(long_rows[:1], pool[:50], tiny_tokenizer, max_length=300, ratio="max", on_long="skip")
+    skipped = general.manifest["skipped_long"]["general"]
+    assert skipped > 0 and general.manifest["general_rows"] == 50 - skipped
+
+
+def test_empty_task_set_is_an_input_error(tiny_tokenizer, pool):
+    with pytest.raises(TellInputError, match="data.task: the task set is empty"):
+        mix_of([], pool, tiny_tokenizer)
+    with pytest.raises(TellInputError, match="data.general: the general pool is empty"):
+        mix_of([task_row(0)], [], tiny_tokenizer)
+
+
+def test_general_rows_keep_their_source_label(tiny_tokenizer, task, pool):
+    relabelled = [replace(e, source="general") for e in pool[:30]]
+    mix = mix_of(task, relabelled, tiny_tokenizer, ratio="max")
+    assert Counter(r.example.source for r in mix.rows) == {"task": 20, "general": 30}
