@@ -184,6 +184,8 @@ def _dispatch(args, extra) -> int:
         print(f"[tell] mix written to {out}/mix.jsonl and {out}/manifest.json")
     elif args.verb == "train":
         result = experiment.run_train(cfg, args.overwrite)
+        if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
+            return 0
         print(f"[tell] run written to {cfg.out}: {result.optimizer_steps} steps, {result.trained_tokens} "
               f"tokens in {result.wall_s:.0f} s ({result.tokens_per_s:.0f} tok/s)")
     elif args.verb == "generate":

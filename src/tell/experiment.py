@@ -120,11 +120,20 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
 
 def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
     """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
-    from tell.train import check_tracker, train_lora
-    announce(cfg)
-    check_tracker(cfg.train.report_to)
-    check_output(cfg.out, overwrite)
+    from tell.train import check_tracker, dist_context, train_lora
+    rank, _ = dist_context()
+    if rank == 0:
+        announce(cfg)
+        check_tracker(cfg.train.report_to)
+        check_output(cfg.out, overwrite)
     prepared = prepare_mix(cfg, task_examples, general_examples)
+    if rank != 0:  # other ranks train their share of each batch; rank 0 alone writes the run
+        import tempfile
+        model, _ = load_model(cfg.model)
+        with tempfile.TemporaryDirectory() as scratch:
+            train_lora(model, prepared.tokenizer, prepared.mix, cfg.train, scratch,
+                       autocast_dtype(cfg.model, pick_device(cfg.model)))
+        return None
     with staged_output(cfg.out, overwrite) as tmp:
         write_mix(prepared.mix, tmp)
         dump_config(cfg, tmp / "config.yaml")

@@ -93,11 +93,12 @@ def load_tokenizer(name: str):
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under accelerate/torchrun
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise TellInputError("model.device = cuda, but no CUDA device is available")
-    return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
 
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:

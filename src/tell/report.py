@@ -54,7 +54,10 @@ def plot_compare(results: dict, png_path: Path) -> None:
         cis = [results[a].get("ci95", {}).get(key, [results[a][key]] * 2) for a in arms]
         err = np.array([[v - lo * scale for v, (lo, _) in zip(values, cis)],
                         [hi * scale - v for v, (_, hi) in zip(values, cis)]]).clip(min=0)
-        ax.bar(range(len(arms)), values, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(arms))])
+        bars = ax.bar(range(len(arms)), values, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(arms))])
+        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        top = float((values + err[1]).max()) if len(values) else 0.0
+        ax.set_ylim(0, 100 if scale == 100 else max(top * 1.25, 1.0))
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
         ax.set_title(key + (" (%)" if scale == 100 else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -62,6 +65,29 @@ def plot_compare(results: dict, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def _overlap(a: list[float] | None, b: list[float] | None) -> bool:
+    return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
+
+
+def reading(results: dict) -> list[str]:
+    """Return one sentence per headline metric: TELL against each other arm, and whether intervals overlap."""
+    if "tell" not in results:
+        return []
+    lines = []
+    for key in headline_keys(results)[:3]:
+        scale, unit = (100, " points") if key in PERCENT_KEYS else (1, "")
+        tell = results["tell"]
+        parts = []
+        for arm, m in results.items():
+            if arm == "tell":
+                continue
+            diff = (tell[key] - m[key]) * scale
+            same = _overlap(tell.get("ci95", {}).get(key), m.get("ci95", {}).get(key))
+            parts.append(f"{diff:+.1f}{unit} vs {arm}" + (" (intervals overlap)" if same else " (intervals apart)"))
+        lines.append(f"- `{key}`: tell " + "; ".join(parts) + ".")
+    return lines
 
 
 def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> None:
@@ -83,6 +109,13 @@ Arms: `base` untrained; `base-anchor` untrained with the anchor in the prompt; `
 anchor + token-ratio shuffle; `general` TELL's general rows without the task rows.
 
 ![arms](compare.png)
+
+## What it shows
+
+{chr(10).join(reading(results)) or "- (no `tell` arm in this run)"}
+
+"Intervals apart" means the two 95% bootstrap intervals do not overlap — a difference unlikely to be noise
+on these test rows; overlapping intervals mean this run cannot tell the arms apart.
 
 ## Wall time per stage (s)
 

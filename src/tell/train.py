@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -197,6 +198,24 @@ def _open_tracker(report_to: str, out_dir: Path, run_config: dict):
     return None
 
 
+def dist_context() -> tuple[int, int]:
+    """Return (rank, world size), joining the process group when launched by accelerate/torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        from accelerate import PartialState
+        PartialState()  # reads the launcher's environment; gloo on CPU, nccl on CUDA
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def plan_schedule(n_rows: int, cfg: TrainConfig) -> tuple[int, int]:
     """Return (optimizer steps, warmup steps), warning when the run is too short to learn."""
     steps = math.ceil(n_rows / cfg.batch_size) * cfg.epochs
@@ -223,20 +242,25 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     rows = training_rows(tokenizer, mix, mix.manifest.get("max_length") or 10**9)
     steps, warmup = plan_schedule(len(rows), cfg)
     batches = epoch_batches(rows, cfg.batch_size, cfg.epochs, cfg.seed)[:steps]
+    if autocast is not None:
+        # Frozen base weights stored in the autocast dtype skip a cast per matmul: 367 vs 295 tok/s
+        # on the 2-core CPU, same loss to 2e-3. LoRA weights stay fp32 (PEFT's autocast_adapter_dtype).
+        model = model.to(autocast)
     model = add_lora(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     per_token, per_label = flops_per_token(model)
-    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to, run_config or {})
+    rank, world = dist_context()
+    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to if rank == 0 else "none", run_config or {})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     totals = {"tokens": 0, "labels": 0, "flops": 0.0}
     start, record = time.perf_counter(), {}
-    bar = tqdm(batches, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(batches, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     try:
         for step, batch in enumerate(bar, start=1):
-            record = _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer)
+            record = _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank, world)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             totals["tokens"] += record["tokens"]
@@ -251,6 +275,9 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
         bar.close()
         logger.close()
     wall = time.perf_counter() - start
+    if rank != 0:
+        model.eval()
+        return model, None
     model.save_pretrained(out_dir / "adapter")
     result = TrainResult(
         optimizer_steps=len(batches), planned_steps=steps, warmup_steps=warmup,
@@ -264,14 +291,18 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     return model, result
 
 
-def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer) -> dict:
-    """Run one optimizer step over length-sorted micro-batches; return the step's log record."""
+def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank=0, world=1) -> dict:
+    """Run one optimizer step over length-sorted micro-batches; return the step's log record.
+
+    With several processes each rank takes every world-th row of the batch; the loss is normalised by
+    the whole batch's label count and the LoRA gradients are summed, so the step equals one process's.
+    """
     # Labelled positions after the one-token shift: [max(labels_from, 1), len); none when truncation cut
     # the row inside its prompt (labels_from > len), which would otherwise count negative.
     label_total = sum(max(0, len(r.input_ids) - max(r.labels_from, 1)) for r in batch)
     sums = {"task": [0.0, 0], "general": [0.0, 0]}
     tokens = 0
-    for group in micro_batches(batch, cfg.micro_batch_tokens):
+    for group in micro_batches(batch[rank::world], cfg.micro_batch_tokens):
         inputs = collate(group, pad_id, device)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             losses, row_of = token_losses(model, inputs)
@@ -282,6 +313,13 @@ def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer) 
             mine = detached[row_of == i]
             sums[row.source][0] += float(mine.sum())
             sums[row.source][1] += mine.numel()
+    if world > 1:
+        for p in params:
+            p.grad = _all_reduce(p.grad if p.grad is not None else torch.zeros_like(p), world)
+        totals = _all_reduce(torch.tensor([sums["task"][0], sums["task"][1], sums["general"][0],
+                                           sums["general"][1], tokens], dtype=torch.float64, device=device), world).tolist()
+        sums = {"task": [totals[0], int(totals[1])], "general": [totals[2], int(totals[3])]}
+        tokens = int(totals[4])
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()

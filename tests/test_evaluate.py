@@ -1,0 +1,144 @@
+"""Evaluation and `tell compare` on the tiny model: greedy generation is deterministic, `tell score`
+reproduces `tell eval`'s metrics from its saved generations, and compare writes every promised artifact,
+reuses unchanged arms from its cache and refuses bad input before training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tell import cli
+from tell.config import GenerateConfig, ModelConfig
+from tell.generate import generate_texts, load_for_generation, prompt_texts
+from tell.model import cache_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.filterwarnings("ignore:training takes only", "ignore:warmup")
+
+
+def tell(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def user_task(tmp_path_factory) -> dict[str, Path]:
+    """A user task: exact-match answers, 6 training rows and 5 test rows."""
+    root = tmp_path_factory.mktemp("user_task")
+    train = [{"prompt": f"Say the word number {i}.", "response": f"word{i}"} for i in range(6)]
+    test = [{"prompt": f"Say the word number {i}.", "response": f"word{i}"} for i in range(10, 15)]
+    for name, rows in (("train", train), ("test", test)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"train": root / "train.jsonl", "test": root / "test.jsonl"}
+
+
+def test_greedy_generation_is_deterministic(tiny_model_dir):
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    texts = prompt_texts(run, [({"role": "user", "content": f"Tell me about item {i}."},) for i in range(5)])
+    cfg = GenerateConfig(greedy=True, batch_size=2)
+    first = generate_texts(run.model, run.tokenizer, texts, cfg, 12, progress=False)
+    second = generate_texts(run.model, run.tokenizer, texts, cfg, 12, progress=False)
+    assert first == second
+    assert any(first)
+
+
+def test_batched_generation_matches_one_by_one(tiny_model_dir):
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    texts = prompt_texts(run, [({"role": "user", "content": "Hi " * (i + 1)},) for i in range(4)])
+    batched = generate_texts(run.model, run.tokenizer, texts, GenerateConfig(greedy=True, batch_size=4), 8,
+                             progress=False)
+    single = generate_texts(run.model, run.tokenizer, texts, GenerateConfig(greedy=True, batch_size=1), 8,
+                            progress=False)
+    assert batched == single  # left padding must not change what the model sees
+
+
+def test_eval_then_score_reproduces_metrics(tiny_model_dir, user_task, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert tell("eval", "--model", tiny_model_dir, "--task", "mine", "--test", user_task["test"],
+                "--metric", "exact", "--greedy", "--max-new-tokens", "4", "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert metrics["n"] == len(rows) == 5
+    assert {"id", "prompt", "output", "reference", "score"} <= set(rows[0])
+    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert tell("score", "--task", "mine", "--test", user_task["test"], "--metric", "exact",
+                "--generations", out / "generations.jsonl", "--out", tmp_path / "rescored") == 0
+    rescored = json.loads((tmp_path / "rescored" / "metrics.json").read_text())
+    assert rescored["exact_match"] == metrics["exact_match"]
+    assert rescored["ci95"] == metrics["ci95"]
+
+
+def test_score_recomputes_halu_metrics_without_a_model(tmp_path):
+    gens = tmp_path / "g.jsonl"
+    rows = [{"output": '{"thought": "fine", "hallucination": "no"}', "reference": "no"},
+            {"output": 'Sure: {"thought": "bad", "hallucination": "yes"} done', "reference": "no"},
+            {"output": "no json here", "reference": "yes"}]
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tell("score", "--task", "halu-cot-json", "--generations", gens, "--out", tmp_path / "m") == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["json_adherence_strict"] == pytest.approx(1 / 3)
+    assert metrics["json_adherence_lenient"] == pytest.approx(2 / 3)
+    assert metrics["label_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_score_names_file_and_line_of_a_bad_row(tmp_path, capsys):
+    gens = tmp_path / "g.jsonl"
+    gens.write_text(json.dumps({"output": "x", "reference": "no"}) + "\n" + json.dumps({"output": "y"}) + "\n")
+    assert tell("score", "--task", "halu-cot-json", "--generations", gens) == 2
+    err = capsys.readouterr().err
+    assert "g.jsonl:2" in err and "reference" in err
+
+
+def _compare_args(tiny_model_dir, user_task, out, arms="base,base-anchor,sft,sft-matched,tell,general"):
+    return ["compare", "--model", tiny_model_dir, "--task", "mine", "--test", user_task["test"],
+            "--train", user_task["train"], "--metric", "exact", "--general", FIXTURES / "general.jsonl",
+            "--task-rows", 4, "--ratio", 2, "--batch-size", 2, "--arms", arms, "--limit", 0,
+            "--max-new-tokens", 3, "--greedy", "--out", out]
+
+
+def test_compare_writes_report_results_and_chart(tiny_model_dir, user_task, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert tell(*_compare_args(tiny_model_dir, user_task, out)) == 0
+    for name in ("report.md", "results.json", "compare.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    arms = ("base", "base-anchor", "sft", "sft-matched", "tell", "general")
+    assert set(arms) <= set(results)
+    for arm in arms:
+        assert 0.0 <= results[arm]["exact_match"] <= 1.0
+        assert results[arm]["n"] == 5
+    assert results["base"]["optimizer_steps"] == 0
+    # sft-matched repeats the task rows for as many optimizer steps as TELL takes
+    assert results["sft-matched"]["optimizer_steps"] == results["tell"]["optimizer_steps"]
+    assert results["sft"]["optimizer_steps"] == 2  # 4 rows, batch 2, one epoch
+    assert results["general"]["task_tokens"] == 0 and results["general"]["general_tokens"] > 0
+    assert results["tell"]["general_tokens"] == results["general"]["general_tokens"]
+    assert "| tell |" in (out / "report.md").read_text()
+
+
+def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, capsys):
+    first = tmp_path / "a"
+    assert tell(*_compare_args(tiny_model_dir, user_task, first, arms="base,tell")) == 0
+    stages = json.loads((first / "results.json").read_text())["_summary"]["stage_wall_s"]
+    cached = {kind: sorted(p.name for p in (cache_dir() / kind).iterdir()) for kind in ("runs", "evals")}
+    second = tmp_path / "b"
+    assert tell(*_compare_args(tiny_model_dir, user_task, second, arms="base,tell")) == 0
+    again = json.loads((second / "results.json").read_text())
+    first_results = json.loads((first / "results.json").read_text())
+    assert again["tell"]["exact_match"] == first_results["tell"]["exact_match"]
+    # a cached arm is copied, not recomputed: its generations are byte-identical and no new run dir appears
+    assert (first / "evals" / "tell" / "generations.jsonl").read_bytes() == \
+        (second / "evals" / "tell" / "generations.jsonl").read_bytes()
+    assert set(stages) == {"base", "tell"}
+    assert cached == {kind: sorted(p.name for p in (cache_dir() / kind).iterdir()) for kind in ("runs", "evals")}
+
+
+def test_compare_refuses_bad_input_before_training(tiny_model_dir, user_task, tmp_path, capsys):
+    out = tmp_path / "bad"
+    args = _compare_args(tiny_model_dir, user_task, out)
+    args[args.index("--ratio") + 1] = 10_000  # the 40-row pool cannot meet it
+    assert tell(*args) == 2
+    assert "pool" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("bad.partial").exists()
+    assert tell(*_compare_args(tiny_model_dir, user_task, out, arms="base,typo")) == 2
+    assert "typo" in capsys.readouterr().err
