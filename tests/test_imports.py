@@ -14,7 +14,7 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "data", "anchor", "mix", "model", "train", "generate", "metrics", "tasks", "evaluate",
+ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "train", "generate", "metrics", "tasks", "evaluate",
          "report", "experiment", "compare", "cli"]
 ALLOWED = {("config", "data")}
 

@@ -36,7 +36,9 @@ SHORT_FLAGS = {
     "--epochs": (("train.epochs",), {"type": int, "help": "passes over the mix (1)"}),
     "--max-steps": (("train.max_steps",), {"type": int, "help": "stop after N optimizer steps"}),
     "--report-to": (("train.report_to",), {"help": "none, tensorboard, wandb, mlflow"}),
+    "--save-every": (("train.save_every",), {"type": int, "help": "checkpoint every N steps (20; 0 = never)"}),
     "--max-new-tokens": (("generate.max_new_tokens",), {"type": int, "help": "new tokens per answer"}),
+    "--backend": (("generate.backend",), {"help": "generation backend: transformers (default) or vllm (GPU)"}),
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
     "--out": (("out",), {"help": "output directory"}),
 }
@@ -57,12 +59,13 @@ VERB_FLAGS = {
     "mix": ["--task", "--general", "--prompt-field", "--response-field", "--anchor", "--anchor-file",
             "--anchor-placement", "--ratio", "--mode", "--order", "--seed", "--count-tokenizer",
             "--max-length", "--on-long", "--model", "--out"],
-    "generate": ["--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device"],
+    "generate": ["--backend", "--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device"],
 }
 VERB_FLAGS["train"] = VERB_FLAGS["mix"] + ["--dtype", "--device", "--lr", "--batch-size", "--epochs",
-                                           "--max-steps", "--report-to"]
-VERB_FLAGS["eval"] = ["--task", "--test", "--metric", "--schema", "--pattern", "--limit", "--model",
+                                           "--max-steps", "--report-to", "--save-every"]
+VERB_FLAGS["eval"] = ["--backend", "--task", "--test", "--metric", "--schema", "--pattern", "--limit", "--model",
                       "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device", "--out"]
+VERB_FLAGS["export"] = ["--task", "--task-rows", "--seed"]
 VERB_FLAGS["score"] = ["--task", "--test", "--metric", "--schema", "--pattern", "--out"]
 VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", "--pattern", "--limit",
                          "--task-rows", "--arms", "--ratio", "--anchor", "--anchor-file", "--anchor-placement",
@@ -72,7 +75,7 @@ VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", 
 
 def _flag_table(verb: str) -> dict:
     table = dict(SHORT_FLAGS)
-    if verb in ("eval", "score", "compare"):
+    if verb in ("eval", "score", "compare", "export"):
         table.update(EVAL_FLAGS)
     return table
 
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-repeat", action="store_true", default=None, help="repeat general rows if needed")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--resume", metavar="DIR", help="continue a killed run of --out DIR from its checkpoint")
     gen = verbs.add_parser("generate", help="answer prompts with a trained run (its anchor applied)")
     gen.add_argument("--run", help="run directory written by `tell train` (omit to use --model alone)")
     gen.add_argument("--prompts", help="JSONL/JSON prompts (any row shape); '-' or omitted = stdin lines")
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = verbs.add_parser("score", help="recompute metrics from a generations.jsonl (no model)")
     score.add_argument("--generations", required=True, help="generations.jsonl (needs output and reference)")
     _add_common(score, "score")
+    export = verbs.add_parser("export", help="write a built-in task's training rows as chat JSONL")
+    export.add_argument("--output", required=True, help="JSONL file to write")
+    _add_common(export, "export")
     compare = verbs.add_parser("compare", help="the main job: base vs SFT vs TELL (+ controls), with a report")
     compare.add_argument("--quick", action="store_true", help="4 task rows, ratio 3, 16 test rows (≤ 5 min)")
     compare.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -183,7 +190,7 @@ def _dispatch(args, extra) -> int:
         out = experiment.run_mix(cfg, args.overwrite)
         print(f"[tell] mix written to {out}/mix.jsonl and {out}/manifest.json")
     elif args.verb == "train":
-        result = experiment.run_train(cfg, args.overwrite)
+        result = experiment.resume_train(args.resume) if args.resume else experiment.run_train(cfg, args.overwrite)
         if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
         print(f"[tell] run written to {cfg.out}: {result.optimizer_steps} steps, {result.trained_tokens} "
@@ -198,6 +205,9 @@ def _dispatch(args, extra) -> int:
         out, metrics = experiment.run_eval(cfg, args.run, args.overwrite, not args.no_anchor)
         print(_metrics_text(metrics))
         print(f"[tell] generations.jsonl and metrics.json written to {out}")
+    elif args.verb == "export":
+        written = experiment.run_export(cfg, cfg.compare.task_rows, args.output)
+        print(f"[tell] {written} training rows of {cfg.eval.task} written to {args.output}")
     elif args.verb == "score":
         metrics = experiment.run_score(cfg, args.generations, cfg.out or None)
         print(_metrics_text(metrics))

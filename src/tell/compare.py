@@ -14,11 +14,13 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tell.config import RunConfig, config_dict, dump_config
-from tell.experiment import (announce, check_output, prepare_mix, run_train, staged_output, task_from_config,
-                             test_rows_from_config)
+from tell.anchor import resolve_anchor_text
+from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
+                             staged_output, task_from_config, test_rows_from_config)
 from tell.model import cache_dir
 
 DEFAULT_ANCHORS = {
@@ -42,23 +44,32 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def arm_config(cfg: RunConfig, arm: str, tell_steps: int) -> RunConfig:
+def arm_config(cfg: RunConfig, arm: str, tell_steps: int, task_rows: int | None = None) -> RunConfig:
     """Return the training config of a trained arm (mode, anchor, epochs) derived from the user's config."""
+    from tell.config import AnchorConfig
     arm_cfg = copy.deepcopy(cfg)
     arm_cfg.mix.mode = TRAINED_ARMS[arm]
     if arm in ("sft", "sft-matched"):
-        arm_cfg.anchor.text, arm_cfg.anchor.file = "", ""  # plain SFT, as the paper's baseline
+        arm_cfg.anchor = AnchorConfig(placement=cfg.anchor.placement)  # plain SFT, as the paper's baseline
     if arm == "sft-matched":
-        steps_per_epoch = math.ceil(cfg.compare.task_rows / cfg.train.batch_size)
+        steps_per_epoch = math.ceil((task_rows or cfg.compare.task_rows) / cfg.train.batch_size)
         arm_cfg.train.epochs = math.ceil(tell_steps / steps_per_epoch)
         arm_cfg.train.max_steps = tell_steps
     return arm_cfg
 
 
+def _anchor_key(anchor) -> dict:
+    """Return the anchor settings that shape a run (a manual anchor keeps the key it had before anchor modes)."""
+    values = config_dict(anchor)
+    if anchor.mode == "manual":
+        return {k: values[k] for k in ("text", "file", "placement")}
+    return values
+
+
 def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool) -> tuple[Path, dict]:
     """Return (run directory, train summary) of an arm, training it unless cached."""
     key = _key("train", config_dict(arm_cfg.model), config_dict(arm_cfg.mix), config_dict(arm_cfg.train),
-               config_dict(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
+               _anchor_key(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
                [e.messages for e in task_examples])
     run_dir = cache_dir() / "runs" / key
     if not (cache and (run_dir / "train_summary.json").is_file()):
@@ -71,7 +82,7 @@ def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool) -> tuple[Path, di
 def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor: str, cache: bool) -> Path:
     """Return the directory with metrics.json/generations.jsonl of an arm, evaluating unless cached."""
     from tell.evaluate import evaluate, write_eval
-    from tell.generate import LoadedRun, load_for_generation
+    from tell.generate import load_for_generation
     use_anchor = arm in ANCHORED_ARMS
     run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
     key = _key("eval", str(run_dir), run_key, config_dict(cfg.model), config_dict(cfg.generate),
@@ -79,9 +90,9 @@ def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor
     eval_dir = cache_dir() / "evals" / key
     if cache and (eval_dir / "metrics.json").is_file():
         return eval_dir
-    run = load_for_generation(str(run_dir) if run_dir else None, cfg.model)
+    run = load_for_generation(str(run_dir) if run_dir else None, cfg.model, cfg.generate.backend)
     if run_dir is None and use_anchor:
-        run = LoadedRun(run.model, run.tokenizer, anchor, cfg.anchor.placement, None)
+        run = replace(run, anchor=anchor, placement=cfg.anchor.placement)
     result = evaluate(run, task, rows, cfg.generate, use_anchor)
     with staged_output(eval_dir, overwrite=True) as tmp:
         write_eval(result, tmp)
@@ -94,25 +105,20 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
     if quick:
         cfg = quick_config(cfg)
     task = task_from_config(cfg)
-    if not cfg.anchor.text and not cfg.anchor.file:
-        cfg.anchor.text = DEFAULT_ANCHORS.get(task.name, f"### Task: {task.name}")
+    default_anchor(cfg, task)
     announce(cfg)
     check_output(cfg.out, overwrite)
     arms = [a.strip() for a in cfg.compare.arms.split(",") if a.strip()]
-    task_examples = task.train_examples(cfg.compare.task_rows, cfg.mix.seed)
-    rows = test_rows_from_config(cfg, task)
-    tell_mix = prepare_mix(_with_mode(cfg, "tell"), task_examples)  # validates all input before training
-    tell_steps = math.ceil(len(tell_mix.mix.rows) / cfg.train.batch_size) * cfg.train.epochs
+    inputs = arm_inputs(cfg, task)  # validates all input before training
     results, timings = {}, {}
     start = time.perf_counter()
     with staged_output(cfg.out, overwrite) as tmp:
         dump_config(cfg, tmp / "config.yaml")
         for arm in arms:
-            results[arm], timings[arm] = _run_arm(cfg, arm, task, rows, task_examples, tell_mix.anchor,
-                                                  tell_steps, tmp)
+            results[arm], timings[arm] = _run_arm(cfg, arm, inputs, tmp)
             print(f"[tell] {arm}: " + _headline(results[arm]), flush=True)
-        summary = {"task": task.name, "test_rows": len(rows), "task_rows": cfg.compare.task_rows,
-                   "ratio": cfg.mix.ratio, "anchor": tell_mix.anchor, "quick": quick,
+        summary = {"task": task.name, "test_rows": len(inputs.rows), "task_rows": len(inputs.task_examples),
+                   "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick,
                    "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings}
         (tmp / "results.json").write_text(json.dumps({**results, "_summary": summary}, indent=1) + "\n")
         write_compare_report(results, summary, tmp)
@@ -125,25 +131,136 @@ def _with_mode(cfg: RunConfig, mode: str) -> RunConfig:
     return out
 
 
-def _run_arm(cfg, arm, task, rows, task_examples, anchor, tell_steps, out_dir: Path) -> tuple[dict, dict]:
+def _run_arm(cfg, arm, inputs: ArmInputs, out_dir: Path) -> tuple[dict, dict]:
     """Return (the arm's metrics + training facts, wall seconds per stage); copies its files to out_dir."""
+    metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs)
+    if run_dir:
+        shutil.copytree(run_dir, out_dir / "runs" / arm)
+    shutil.copytree(eval_dir, out_dir / "evals" / arm)
+    return metrics, timing
+
+
+def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict, Path | None, Path]:
+    """Return (metrics + training facts + held-out general loss, wall s per stage, run dir, eval dir) of an
+    arm, training and evaluating it unless cached."""
     timing, train_summary, run_dir = {}, {}, None
     if arm in TRAINED_ARMS:
         t0 = time.perf_counter()
-        run_dir, train_summary = _train_arm(arm_config(cfg, arm, tell_steps), task_examples, cfg.compare.cache)
+        arm_cfg = arm_config(cfg, arm, inputs.tell_steps, len(inputs.task_examples))
+        run_dir, train_summary = _train_arm(arm_cfg, inputs.task_examples, cfg.compare.cache)
         timing["train_s"] = round(time.perf_counter() - t0, 1)
-        shutil.copytree(run_dir, out_dir / "runs" / arm)
     t0 = time.perf_counter()
-    eval_dir = _eval_arm(cfg, arm, run_dir, task, rows, anchor, cfg.compare.cache)
+    eval_dir = _eval_arm(cfg, arm, run_dir, inputs.task, inputs.rows, inputs.anchor, cfg.compare.cache)
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
-    shutil.copytree(eval_dir, out_dir / "evals" / arm)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text()) if run_dir else {}
     metrics.update(optimizer_steps=train_summary.get("optimizer_steps", 0),
                    trained_tokens=train_summary.get("trained_tokens", 0),
                    train_flops=train_summary.get("train_flops", 0.0),
                    task_tokens=manifest.get("task_tokens", 0), general_tokens=manifest.get("general_tokens", 0))
-    return metrics, timing
+    if inputs.heldout:
+        t0 = time.perf_counter()
+        metrics.update(_general_loss_arm(cfg, run_dir, inputs.heldout, cfg.compare.cache))
+        timing["general_loss_s"] = round(time.perf_counter() - t0, 1)
+    return metrics, timing, run_dir, eval_dir
+
+
+def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool) -> dict:
+    """Return the held-out general loss/perplexity of an arm's model, computing it unless cached."""
+    from tell.evaluate import general_loss
+    from tell.generate import load_for_generation
+    run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
+    key = _key("loss", str(run_dir), run_key, config_dict(cfg.model), [e.messages for e in heldout])
+    path = cache_dir() / "losses" / f"{key}.json"
+    if cache and path.is_file():
+        return json.loads(path.read_text())
+    run = load_for_generation(str(run_dir) if run_dir else None, cfg.model)
+    values = general_loss(run.model, run.tokenizer, list(heldout))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(values) + "\n")
+    partial.rename(path)  # atomic: a kill never leaves half a cache entry
+    return values
+
+
+@dataclass(frozen=True)
+class ArmInputs:
+    """What every arm of one comparison shares: task, test rows, training rows, anchor, TELL's steps."""
+
+    task: object
+    rows: list
+    task_examples: list
+    anchor: str
+    tell_steps: int
+    heldout: tuple = ()
+
+
+def default_anchor(cfg: RunConfig, task) -> None:
+    """Give a manual anchor without text the task's default anchor (in place)."""
+    if cfg.anchor.mode == "manual" and not cfg.anchor.text and not cfg.anchor.file:
+        cfg.anchor.text = DEFAULT_ANCHORS.get(task.name, f"### Task: {task.name}")
+
+
+def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True) -> ArmInputs:
+    """Return the shared inputs of the arms, validating them (TELL's mix is built when tell_steps is asked).
+
+    A self-instruct anchor is written here, once, so every arm sees the same text.
+    """
+    task_examples = task_examples_for(cfg, task)
+    rows = test_rows_from_config(cfg, task)
+    resolve_self_instruct(cfg, task_examples)
+    steps, anchor = 0, resolve_anchor_text(cfg.anchor)
+    if tell_steps:
+        tell_mix = prepare_mix(_with_mode(cfg, "tell"), task_examples)
+        steps = math.ceil(len(tell_mix.mix.rows) / cfg.train.batch_size) * cfg.train.epochs
+    return ArmInputs(task, rows, task_examples, anchor, steps, tuple(heldout_general(cfg)))
+
+
+def task_examples_for(cfg: RunConfig, task) -> list:
+    """Return the task training rows: compare.task_rows rows of the seeded draw, or, with
+    compare.task_tokens, the fewest rows of the same draw whose rendered tokens (no anchor) reach it."""
+    target = cfg.compare.task_tokens
+    if not target:
+        return task.train_examples(cfg.compare.task_rows, cfg.mix.seed)
+    from tell.data import TellInputError
+    from tell.mix import encode_examples
+    from tell.model import load_tokenizer
+    tokenizer = load_tokenizer(cfg.mix.count_tokenizer or cfg.model.name)
+    pool_rows, counts = len(task.train_examples(None, cfg.mix.seed)), {}
+
+    def tokens(k: int) -> int:  # draws are nested (k rows are among k+1), so tokens grow with k
+        rows = task.train_examples(k, cfg.mix.seed)
+        new = [e for e in rows if e.id not in counts]
+        counts.update({e.id: len(x.input_ids) for e, x in zip(new, encode_examples(tokenizer, new))})
+        return sum(counts[e.id] for e in rows)
+
+    high = 1
+    while high < pool_rows and tokens(high) < target:
+        high = min(2 * high, pool_rows)
+    if tokens(high) < target:
+        raise TellInputError(f"the task's {pool_rows} training rows hold {tokens(high)} tokens, fewer than "
+                             f"compare.task_tokens = {target}", None, None, "compare.task_tokens")
+    low = high // 2 + 1 if high > 1 else 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if tokens(middle) < target else (low, middle)
+    return task.train_examples(high, cfg.mix.seed)
+
+
+def run_cell(cfg: RunConfig) -> dict:
+    """Return one sweep cell's result: the single arm in cfg.compare.arms trained and evaluated (cached).
+
+    Holds the metrics, wall seconds per stage, the anchor the arm used and where its run/eval files live.
+    """
+    task = task_from_config(cfg)
+    default_anchor(cfg, task)
+    arm = cfg.compare.arms.strip()
+    inputs = arm_inputs(cfg, task, tell_steps=arm == "sft-matched")
+    metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs)
+    anchor = (run_dir / "anchor.txt").read_text(encoding="utf-8") if run_dir else \
+        (inputs.anchor if arm in ANCHORED_ARMS else "")
+    return {"metrics": metrics, "timing": timing, "anchor": anchor, "task_rows": len(inputs.task_examples),
+            "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir)}
 
 
 def _headline(metrics: dict) -> str:

@@ -51,6 +51,15 @@ class AnchorConfig:
     """Read the anchor text from this file instead."""
     placement: str = "user-prefix"
     """user-prefix (anchor, blank line, user content) or system (anchor as the system message)."""
+    mode: str = "manual"
+    """manual (text/file as given), self-instruct (the base model writes the anchor from task rows; the
+    text it wrote is saved in the run), none (no anchor, whatever text says)."""
+    self_instruct_rows: int = 3
+    """Task rows the model reads to write a self-instruct anchor."""
+    meta_prompt: str = ""
+    """Self-instruct meta prompt with {examples} (and optionally {k}); empty = anchor.DEFAULT_META_PROMPT."""
+    self_instruct_max_new_tokens: int = 64
+    """Longest self-instruct anchor, in new tokens (greedy decoding)."""
 
 
 @dataclass
@@ -103,6 +112,8 @@ class TrainConfig:
     """Gradient clipping norm (0 disables)."""
     report_to: str = "none"
     """Also stream the step log to: none, tensorboard, wandb, mlflow."""
+    save_every: int = 20
+    """Save a resumable checkpoint every this many optimizer steps (0 = never)."""
 
 
 @dataclass
@@ -123,6 +134,8 @@ class GenerateConfig:
     """Greedy decoding instead of sampling."""
     seed: int = 42
     """Sampling seed."""
+    backend: str = "transformers"
+    """transformers (any machine) or vllm (GPU; LoRA adapters through vLLM's LoRA support)."""
 
 
 @dataclass
@@ -141,6 +154,11 @@ class EvalConfig:
     """Test rows to evaluate: a seeded sample of this many (0 = all rows)."""
     test_seed: int = 0
     """Seed of the test-row sample (the same rows for every arm)."""
+    general_heldout: str = "auto"
+    """Held-out general rows for the retention loss: auto (the 300 DPO-demo chosen answers, minus any row
+    that is in the general pool), none, or a .json/.jsonl file."""
+    general_rows: int = 32
+    """Held-out general rows whose answer loss (perplexity) every compare/sweep arm reports (0 = skip)."""
 
 
 @dataclass
@@ -151,6 +169,32 @@ class CompareConfig:
     """Task training rows drawn (seeded by mix.seed) from the task's training pool [paper: 15]."""
     cache: bool = True
     """Reuse trained runs and evaluations whose inputs did not change (under $TELL_CACHE)."""
+    task_tokens: int = 0
+    """Task size in tokens instead of rows: the fewest rows of the same seeded draw whose rendered tokens
+    reach this many (0 = use task_rows)."""
+
+
+@dataclass
+class SweepConfig:
+    metric: str = "score"
+    """Score on the sweep plots and in the multiplier: 'score' (mean per-row task score, bootstrapped over
+    test rows and seeds) or a key of metrics.json such as json_adherence_lenient (bootstrapped over seeds)."""
+    resamples: int = 1000
+    """Bootstrap resamples of the 95% bands and of the token-efficiency multiplier's interval."""
+    max_cells: int = 0
+    """Run at most this many cells in one invocation, then stop (0 = all); the next invocation goes on."""
+
+
+@dataclass
+class ProbeConfig:
+    layer: int = -1
+    """Hidden-state layer (0 = embeddings, L = last block); -1 = the middle one, L // 2."""
+    rows: int = 64
+    """Task queries (each with and without the anchor) and general queries probed."""
+    pool: str = "last"
+    """last (hidden state of the last prompt token, where the answer starts) or mean (over prompt tokens)."""
+    seed: int = 0
+    """Seed of the query samples and of t-SNE."""
 
 
 @dataclass
@@ -163,6 +207,8 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     out: str = ""
     """Output directory of the run."""
 
@@ -170,12 +216,15 @@ class RunConfig:
 ARMS = ("base", "base-anchor", "sft", "sft-matched", "tell", "general")
 CHOICES = {
     "anchor.placement": ("user-prefix", "system"),
+    "anchor.mode": ("manual", "self-instruct", "none"),
+    "probe.pool": ("last", "mean"),
     "mix.mode": ("tell", "sft", "general"),
     "mix.order": ("random", "spread", "task-first", "task-last"),
     "mix.on_long": ("error", "truncate", "skip"),
     "model.dtype": ("auto", "bf16", "fp32"),
     "model.device": ("auto", "cpu", "cuda"),
     "train.report_to": ("none", "tensorboard", "wandb", "mlflow"),
+    "generate.backend": ("transformers", "vllm"),
 }
 
 
@@ -300,6 +349,15 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"compare.arms has unknown arm(s) {sorted(unknown_arms)}; choose from {list(ARMS)}")
     if cfg.eval.limit < 0 or cfg.compare.task_rows < 1:
         problems.append("eval.limit must be >= 0 and compare.task_rows >= 1")
+    if cfg.compare.task_tokens < 0 or cfg.eval.general_rows < 0 or cfg.sweep.max_cells < 0:
+        problems.append("compare.task_tokens, eval.general_rows and sweep.max_cells must be >= 0")
+    for key in ("anchor.self_instruct_rows", "anchor.self_instruct_max_new_tokens", "probe.rows",
+                "sweep.resamples"):
+        owner, f = fields[key]
+        if getattr(owner, f.name) < 1:
+            problems.append(f"{key} must be >= 1")
+    if cfg.anchor.meta_prompt and "{examples}" not in cfg.anchor.meta_prompt:
+        problems.append("anchor.meta_prompt must contain {examples}, where the task rows go")
     for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:

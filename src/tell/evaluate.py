@@ -4,17 +4,23 @@ In: a loaded model (base, or base + adapter with the run's anchor), a Task, its 
 GenerateConfig. Out: an ``EvalResult`` — metrics (the task's keys, with 95% bootstrap intervals under
 ``ci95``) and one record per row — written as ``metrics.json`` and ``generations.jsonl``. Rows whose
 prompt plus answer budget exceeds the model's context are skipped and counted, never silently dropped.
+``general_loss`` scores held-out general rows (mean answer-token loss and perplexity): what a fine-tune
+cost the model's general ability.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from tell.config import GenerateConfig
-from tell.data import TellInputError, read_records
-from tell.generate import LoadedRun, generate_texts, prompt_texts
+from tell.data import Example, TellInputError, read_records
+from tell.generate import LoadedRun, answer_texts, prompt_texts
+from tell.mix import encode_examples
 from tell.model import context_length
 from tell.tasks import Task, TestRow
 
@@ -27,7 +33,11 @@ class EvalResult:
 
 def fitting_rows(run: LoadedRun, rows: list[TestRow], texts: list[str], max_new_tokens: int):
     """Return (rows, texts) whose prompt + answer budget fit the context, and the skipped count."""
-    limit = context_length(run.model)
+    if run.model is not None:
+        limit = context_length(run.model)
+    else:  # vLLM backend: weights are not loaded here, read the context from the config
+        from transformers import AutoConfig
+        limit = context_length(AutoConfig.from_pretrained(run.model_path))
     keep = [i for i, t in enumerate(texts)
             if len(run.tokenizer(t, add_special_tokens=False)["input_ids"]) + max_new_tokens <= limit]
     return [rows[i] for i in keep], [texts[i] for i in keep], len(rows) - len(keep)
@@ -45,7 +55,7 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
         raise TellInputError(f"every test row is longer than the model's context minus {max_new_tokens} "
                              "new tokens", None, None, "eval.test")
     start = time.perf_counter()
-    outputs = generate_texts(run.model, run.tokenizer, texts, cfg, max_new_tokens, progress)
+    outputs = answer_texts(run, texts, cfg, max_new_tokens, progress)
     wall = time.perf_counter() - start
     references = [r.reference for r in rows]
     scores = task.row_scores(outputs, references)
@@ -54,7 +64,7 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
     metrics = task.score(outputs, references)
     new_tokens = sum(len(run.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
-                   generation={**asdict(cfg), "max_new_tokens": max_new_tokens},
+                   generation={**asdict(cfg), "max_new_tokens": max_new_tokens}, backend=cfg.backend,
                    generate_wall_s=round(wall, 2), new_tokens=new_tokens,
                    new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2))
     return EvalResult(metrics, records)
@@ -83,3 +93,44 @@ def score_generations(task: Task, path: str | Path) -> dict:
     metrics = task.score(outputs, references)
     metrics["task"] = task.name
     return metrics
+
+
+@torch.inference_mode()
+def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: int = 1024) -> dict:
+    """Return the mean loss (nats per answer token) and perplexity of the model on held-out general rows.
+
+    Loss is counted on the answer tokens only, as in training; rows are batched by length and right-padded.
+    """
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    encoded = encode_examples(tokenizer, examples)
+    limit = context_length(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count, batch = 0.0, 0, []
+    for enc in sorted(encoded, key=lambda e: len(e.input_ids)) + [None]:
+        if enc is not None and (not batch or len(enc.input_ids[:limit]) * (len(batch) + 1) <= max_batch_tokens):
+            batch.append(enc)
+            continue
+        loss_sum, labels = _batch_loss(model, batch, pad_id, limit, device)
+        total, count, batch = total + loss_sum, count + labels, [enc]
+    mean = total / max(count, 1)
+    return {"general_loss": round(mean, 5), "general_ppl": round(math.exp(mean), 4),
+            "general_loss_rows": len(examples), "general_loss_tokens": count}
+
+
+def _batch_loss(model, batch, pad_id: int, limit: int, device) -> tuple[float, int]:
+    """Return (summed answer-token loss, answer tokens) of one right-padded batch."""
+    width = max(len(e.input_ids[:limit]) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        row = torch.tensor(e.input_ids[:limit])
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        labels[i, e.prompt_tokens:len(row)] = row[e.prompt_tokens:]
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:].to(device)
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                               reduction="sum")
+    return float(losses), int((targets != -100).sum())

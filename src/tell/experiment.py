@@ -56,6 +56,7 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
         task_examples = load_examples(cfg.data.task, "task", field_map(cfg))
     if general_examples is None and cfg.mix.mode != "sft":
         general_examples = load_examples(cfg.data.general, "general", field_map(cfg))
+    resolve_self_instruct(cfg, task_examples)
     anchor = resolve_anchor_text(cfg.anchor)
     task_examples = anchored_examples(task_examples, anchor, cfg.anchor.placement)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -67,6 +68,77 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
                     tokenizer_name=count_name if count_name != "default" else "SmolLM2-135M-Instruct (embedded)")
     mix.manifest.update(anchor=anchor, anchor_placement=cfg.anchor.placement)
     return PreparedMix(mix, tokenizer, anchor, max_length)
+
+
+def resolve_self_instruct(cfg: RunConfig, task_examples: list[Example]) -> str:
+    """Return the anchor text, first writing a self-instruct anchor into cfg.anchor.text if one is due.
+
+    Only for anchor.mode self-instruct without a text yet: the base model reads the first
+    anchor.self_instruct_rows task rows and answers the meta prompt greedily. The text then lives in the
+    config (and the run's anchor.txt), so training, inference and the cache all see the same anchor.
+    """
+    if cfg.anchor.mode != "self-instruct" or cfg.anchor.text or cfg.anchor.file:
+        return cfg.anchor.text
+    from tell.anchor import self_instruct_anchor
+    from tell.config import GenerateConfig
+    from tell.generate import generate_texts, load_for_generation, prompt_texts
+    run = load_for_generation(None, cfg.model)
+    greedy = GenerateConfig(greedy=True, batch_size=1, repetition_penalty=cfg.generate.repetition_penalty)
+
+    def generate(messages: tuple[dict, ...]) -> str:
+        texts = prompt_texts(run, [messages], use_anchor=False)
+        return generate_texts(run.model, run.tokenizer, texts, greedy, cfg.anchor.self_instruct_max_new_tokens,
+                              progress=False)[0]
+
+    cfg.anchor.text = self_instruct_anchor(task_examples[:cfg.anchor.self_instruct_rows], generate,
+                                           cfg.anchor.meta_prompt)
+    print(f"[tell] self-instruct anchor: {cfg.anchor.text}", file=sys.stderr)
+    return cfg.anchor.text
+
+
+def heldout_general(cfg: RunConfig) -> list[Example]:
+    """Return the held-out general rows of the retention loss: a seeded sample of eval.general_rows rows
+    of eval.general_heldout that are not in the general pool (empty when switched off or none is left)."""
+    from tell.data import DATASETS_DIR
+    from tell.tasks import seeded_sample
+    if not cfg.eval.general_rows or cfg.eval.general_heldout == "none":
+        return []
+    if cfg.eval.general_heldout == "auto":  # 300 DPO-demo answers; not in the built-in `alpaca` pool
+        rows = load_examples(DATASETS_DIR / "dpo_en_demo.json", "general")
+    else:
+        rows = load_examples(cfg.eval.general_heldout, "general", field_map(cfg))
+    pool = {json.dumps(e.messages, sort_keys=True) for e in load_examples(cfg.data.general, "general", field_map(cfg))}
+    kept = [e for e in rows if json.dumps(e.messages, sort_keys=True) not in pool]
+    return seeded_sample(kept, cfg.eval.general_rows, cfg.eval.test_seed)
+
+
+def run_harness(cfg: RunConfig, run_dir: str | None, tasks: str) -> Path:
+    """Run lm-evaluation-harness tasks on the base model and on base + the run's adapter; return harness.json."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise TellInputError("--harness needs lm-evaluation-harness, which is not installed (pip install "
+                             "lm-eval); its tasks also download their data from the Hugging Face hub, so the "
+                             "hub must be reachable. Without it, compare/sweep report the held-out general "
+                             "loss instead.") from None
+    from tell.generate import load_run_config
+    from tell.model import resolve_model_path
+    model_name = load_run_config(run_dir).model.name if run_dir else cfg.model.name
+    base = f"pretrained={resolve_model_path(model_name)}"
+    models = {"base": base} | ({"adapter": f"{base},peft={Path(run_dir) / 'adapter'}"} if run_dir else {})
+    results = {}
+    for name, model_args in models.items():
+        try:
+            out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks.split(","),
+                                          limit=cfg.eval.limit or None, device=str(pick_device(cfg.model)))
+        except Exception as err:  # noqa: BLE001 - lm-eval raises many kinds; most often its data is unreachable
+            raise TellInputError(f"lm-eval could not run {tasks!r} on {name}: {err} (its data comes from the "
+                                 "hub: is it reachable?)") from None
+        results[name] = out["results"]
+    path = Path(cfg.out or (Path(run_dir) if run_dir else Path("."))) / "harness.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -93,7 +165,9 @@ def staged_output(out: str | Path, overwrite: bool = False):
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # never leave something that looks like a run
+        from tell.checkpoint import has_checkpoint
+        if not has_checkpoint(partial):  # keep a resumable run; drop anything else
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
@@ -145,6 +219,28 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
     return result
 
 
+def resume_train(out: str | Path):
+    """Continue a killed `tell train` from the checkpoint in `<out>.partial`; return the TrainResult."""
+    from tell.config import config_from_dict
+    from tell.mix import read_mix
+    from tell.train import train_lora
+    import yaml
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    from tell.checkpoint import has_checkpoint
+    if not has_checkpoint(partial):
+        raise TellInputError(f"nothing to resume: no checkpoint in {partial} (a finished run is {out})", out)
+    cfg = config_from_dict(yaml.safe_load((partial / "config.yaml").read_text(encoding="utf-8")))
+    mix = read_mix(partial)
+    model, tokenizer = load_model(cfg.model)
+    _, result = train_lora(model, tokenizer, mix, cfg.train, partial, autocast_dtype(cfg.model, pick_device(cfg.model)),
+                           run_config=_plain(cfg), resume=True)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return result
+
+
 def _plain(cfg: RunConfig) -> dict:
     from tell.config import config_dict
     return config_dict(cfg)
@@ -175,11 +271,11 @@ def read_prompts(path: str | None) -> list[tuple[dict, ...]]:
 def run_generate(run_dir: str | None, prompts_path: str | None, cfg: RunConfig, out_path: str | None = None,
                  use_anchor: bool = True) -> list[dict]:
     """Answer prompts with a trained run (its anchor applied) or a base model; return output rows."""
-    from tell.generate import generate_texts, load_for_generation, prompt_texts
+    from tell.generate import answer_texts, load_for_generation, prompt_texts
     prompts = read_prompts(prompts_path)
-    run = load_for_generation(run_dir, cfg.model)
+    run = load_for_generation(run_dir, cfg.model, cfg.generate.backend)
     texts = prompt_texts(run, prompts, use_anchor)
-    outputs = generate_texts(run.model, run.tokenizer, texts, cfg.generate, cfg.generate.max_new_tokens or 256)
+    outputs = answer_texts(run, texts, cfg.generate, cfg.generate.max_new_tokens or 256)
     rows = [{"prompt": list(p), "output": o} for p, o in zip(prompts, outputs)]
     if out_path:
         Path(out_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -211,7 +307,7 @@ def run_eval(cfg: RunConfig, run_dir: str | None, overwrite: bool = False, use_a
     out = cfg.out or (str(Path(run_dir) / f"eval-{task.name.replace(':', '-')}") if run_dir else "")
     with staged_output(out, overwrite) as tmp:
         dump_config(cfg, tmp / "config.yaml")
-        run = load_for_generation(run_dir, cfg.model)
+        run = load_for_generation(run_dir, cfg.model, cfg.generate.backend)
         result = evaluate(run, task, rows, cfg.generate, use_anchor)
         write_eval(result, tmp)
     return Path(out), result.metrics
@@ -225,3 +321,13 @@ def run_score(cfg: RunConfig, generations: str, out: str | None = None) -> dict:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     return metrics
+
+
+def run_export(cfg: RunConfig, rows: int, out_path: str) -> int:
+    """Write `rows` seeded training rows of a built-in task as chat JSONL; return how many were written."""
+    task = task_from_config(cfg)
+    examples = task.train_examples(rows or None, cfg.mix.seed)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"messages": list(e.messages)}, ensure_ascii=False) + "\n")
+    return len(examples)

@@ -228,3 +228,15 @@ def write_mix(mix: Mix, out_dir: str | Path) -> None:
                       "messages": list(e.messages)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     (out_dir / "manifest.json").write_text(json.dumps(mix.manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def read_mix(out_dir: str | Path) -> Mix:
+    """Return the Mix written by write_mix (used to resume training exactly as it started)."""
+    out_dir = Path(out_dir)
+    rows = []
+    with open(out_dir / "mix.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            example = Example(r["id"], tuple(r["messages"]), r["source"])
+            rows.append(MixRow(example, r["tokens"], r["truncated"]))
+    return Mix(tuple(rows), json.loads((out_dir / "manifest.json").read_text(encoding="utf-8")))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tell.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint, trim_log
 from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.mix import Mix, encode_examples
@@ -232,8 +233,12 @@ def plan_schedule(n_rows: int, cfg: TrainConfig) -> tuple[int, int]:
 
 
 def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path,
-               autocast: torch.dtype | None = None, run_config: dict | None = None):
-    """Return (peft model, TrainResult) after training LoRA on the mix; writes adapter and logs."""
+               autocast: torch.dtype | None = None, run_config: dict | None = None, resume: bool = False):
+    """Return (peft model, TrainResult) after training LoRA on the mix; writes adapter and logs.
+
+    Every `cfg.save_every` steps the full state goes to out_dir/checkpoint; with `resume` the loop
+    continues from it (same batches, RNG and optimizer state, so the adapter equals an unbroken run's).
+    """
     from transformers import get_linear_schedule_with_warmup
     from tqdm.auto import tqdm
     out_dir = Path(out_dir)
@@ -255,11 +260,14 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     rank, world = dist_context()
     logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to if rank == 0 else "none", run_config or {})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    totals = {"tokens": 0, "labels": 0, "flops": 0.0}
-    start, record = time.perf_counter(), {}
-    bar = tqdm(batches, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
+    totals, done, before = {"tokens": 0, "labels": 0, "flops": 0.0}, 0, 0.0
+    if resume and has_checkpoint(out_dir):
+        done, totals, before = load_checkpoint(out_dir, model, optimizer, scheduler)
+        trim_log(out_dir / "train_log.jsonl", done)
+    start, record = time.perf_counter() - before, {}
+    bar = tqdm(total=len(batches), initial=done, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     try:
-        for step, batch in enumerate(bar, start=1):
+        for step, batch in enumerate(batches[done:], start=done + 1):
             record = _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank, world)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -270,7 +278,10 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
             record.update(step=step, lr=lr, trained_tokens=totals["tokens"], train_flops=totals["flops"],
                           elapsed_s=round(elapsed, 3), tokens_per_s=round(totals["tokens"] / elapsed, 2))
             logger.log(record)
+            bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < len(batches) and rank == 0:
+                save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start)
     finally:
         bar.close()
         logger.close()
@@ -279,6 +290,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
         model.eval()
         return model, None
     model.save_pretrained(out_dir / "adapter")
+    remove_checkpoint(out_dir)
     result = TrainResult(
         optimizer_steps=len(batches), planned_steps=steps, warmup_steps=warmup,
         trained_tokens=totals["tokens"], label_tokens=totals["labels"], train_flops=totals["flops"],

@@ -1,0 +1,73 @@
+"""Train-stage helper — checkpoints: save and restore everything a LoRA run needs to continue exactly.
+
+In: the PEFT model, optimizer, scheduler, the step reached and the running totals. Out: ``checkpoint/``
+inside the run being written (LoRA weights, optimizer and scheduler state, torch RNG states, data
+position). Written to a temporary name and renamed, so a kill mid-save leaves the previous checkpoint.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, totals: dict, elapsed_s: float) -> None:
+    """Write the state after `step` optimizer steps to out_dir/checkpoint (atomically)."""
+    state = {
+        "step": step, "totals": dict(totals), "elapsed_s": elapsed_s,
+        "lora": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    final = out_dir / CHECKPOINT
+    old = out_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    out_dir = Path(out_dir)
+    return (out_dir / CHECKPOINT / "state.pt").is_file() or (out_dir / (CHECKPOINT + ".old") / "state.pt").is_file()
+
+
+def load_checkpoint(out_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, float]:
+    """Restore the saved state into model/optimizer/scheduler; return (step, totals, elapsed seconds)."""
+    path = out_dir / CHECKPOINT / "state.pt"
+    if not path.is_file():  # killed between the two renames: the previous checkpoint is complete
+        path = out_dir / (CHECKPOINT + ".old") / "state.pt"
+    state = torch.load(path, weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"], state["totals"], state["elapsed_s"]
+
+
+def trim_log(log_path: Path, step: int) -> None:
+    """Drop step records after `step` (they are redone after a resume)."""
+    if not log_path.is_file():
+        return
+    lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    import json
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp"):
+        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)

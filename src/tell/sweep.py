@@ -1,0 +1,410 @@
+"""Experiment: `tell sweep` — a grid of single-arm compare cells, each run once, results in SQLite.
+
+In: a sweep YAML — any RunConfig section as the base settings, plus ``grid:``, a mapping of axis → list of
+values (its cartesian product), or a list of such mappings (the union of their products). Out, in the
+sweep's ``out`` directory: ``sweep.sqlite`` (one row per cell, keyed by a hash of the cell's resolved
+config), ``cells/<key>/`` (metrics, generations, run summary) and the report (``tell report DIR``).
+A finished cell is never run again; a killed sweep resumes and loses at most the cell it was running.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tell.config import (ARMS, AnchorConfig, RunConfig, apply_overrides, config_dict, config_from_dict,
+                         flat_fields, load_yaml_overrides, validate)
+from tell.data import TellInputError
+
+# Short axis names → the config keys each sets; any dotted config key is an axis too.
+AXES = {
+    "method": ("compare.arms",), "task_rows": ("compare.task_rows",), "task_tokens": ("compare.task_tokens",),
+    "ratio": ("mix.ratio",), "anchor": ("anchor.mode",), "placement": ("anchor.placement",),
+    "order": ("mix.order",), "lr": ("train.lr",), "seed": ("mix.seed", "train.seed", "generate.seed"),
+}
+# Settings that never change a cell's result, so they stay out of its key.
+NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
+DB_NAME = "sweep.sqlite"
+CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
+              "train_summary.json", "train_log.jsonl", "loss_curve.png")
+# Used for the time estimate until a cell has finished: measured on the 2-core CPU (MEASUREMENTS.md).
+DEFAULT_RATES = {"train_tok_s": 360.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0,
+                 "general_row_tokens": 170.0, "overhead_s": 15.0}
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+  key TEXT PRIMARY KEY, label TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+  result TEXT, error TEXT, pid INTEGER, host TEXT, started REAL, finished REAL, wall_s REAL,
+  attempts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS plan (key TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    key: str
+    label: str
+    cfg: RunConfig
+
+
+# --- grid ------------------------------------------------------------------------------------------
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_sweep(path: str | Path, overrides: dict | None = None) -> tuple[RunConfig, list[dict[str, list]]]:
+    """Return the base config (defaults < YAML < overrides) and the grids (axis → values) of a sweep file."""
+    values, lines = load_yaml_overrides(path)
+    grids = [_flatten(g) for g in values.pop("grid")] if isinstance(values.get("grid"), list) else \
+        [{k[5:]: v for k, v in values.items() if k.startswith("grid.")}]
+    rest = {k: v for k, v in values.items() if not k.startswith("grid.") and k != "grid"}
+    base = apply_overrides(RunConfig(), rest, str(path), lines)
+    apply_overrides(base, overrides or {}, "command line")
+    validate(base)
+    known = set(AXES) | set(flat_fields(base))
+    for grid in grids:
+        for axis in grid:
+            if axis not in known:
+                import difflib
+                close = difflib.get_close_matches(axis, sorted(known), n=1)
+                raise TellInputError(f"unknown grid axis '{axis}'" + (f"; did you mean '{close[0]}'?" if close
+                                     else f"; axes: {', '.join(sorted(AXES))} or any config key"),
+                                     path, lines.get(f"grid.{axis}"))
+    return base, [{k: v if isinstance(v, list) else [v] for k, v in g.items()} for g in grids if g]
+
+
+def normalise(cfg: RunConfig) -> RunConfig:
+    """Return the cell config with settings its arm ignores reset to defaults, so equal cells share a key."""
+    defaults, arm, anchor = RunConfig(), cfg.compare.arms, cfg.anchor
+    if arm in ("base", "base-anchor"):  # untrained: no training setting plays a part
+        cfg.train = defaults.train
+    if arm == "base":  # nor the task rows or the mix (base-anchor keeps them: a self-instruct anchor reads rows)
+        cfg.mix = defaults.mix
+        cfg.compare.task_rows, cfg.compare.task_tokens = defaults.compare.task_rows, defaults.compare.task_tokens
+    if arm == "sft":  # no general rows (sft-matched keeps them and the anchor: TELL's step count depends on them)
+        cfg.mix.ratio, cfg.mix.order, cfg.mix.allow_repeat = defaults.mix.ratio, defaults.mix.order, False
+    if arm in ("base", "sft"):  # no anchor reaches these arms
+        cfg.anchor = defaults.anchor
+    elif anchor.mode == "none":
+        cfg.anchor = AnchorConfig(mode="none", placement=anchor.placement)
+    elif anchor.mode == "manual":
+        cfg.anchor = AnchorConfig(text=anchor.text, file=anchor.file, placement=anchor.placement)
+    else:  # self-instruct: the model writes the text, so a text in the base settings must not leak in
+        cfg.anchor = AnchorConfig(mode="self-instruct", placement=anchor.placement,
+                                  self_instruct_rows=anchor.self_instruct_rows, meta_prompt=anchor.meta_prompt,
+                                  self_instruct_max_new_tokens=anchor.self_instruct_max_new_tokens)
+    if cfg.generate.greedy:
+        cfg.generate.seed = defaults.generate.seed  # greedy decoding draws nothing
+    return cfg
+
+
+def cell_key(cfg: RunConfig) -> str:
+    """Return the 16-hex-digit hash of a cell's resolved config (settings that change no result left out)."""
+    values = {k: v for k, v in config_dict(cfg).items() if k not in ("sweep", "probe")}
+    for dotted in NOT_IN_KEY:
+        section, _, name = dotted.partition(".")
+        (values.get(section, {}).pop(name, None) if name else values.pop(section, None))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_label(cfg: RunConfig) -> str:
+    """Return a short human name of a cell: its arm and the settings a sweep usually varies."""
+    size = f"{cfg.compare.task_tokens} task tok" if cfg.compare.task_tokens else f"{cfg.compare.task_rows} rows"
+    parts = [cfg.compare.arms]
+    if cfg.compare.arms not in ("base", "base-anchor"):
+        parts += [size, f"lr {cfg.train.lr:g}", f"seed {cfg.train.seed}"]
+    if cfg.compare.arms in ("tell", "general", "sft-matched"):
+        parts += [f"ratio {cfg.mix.ratio}", f"order {cfg.mix.order}"]
+    if cfg.compare.arms not in ("base", "sft"):
+        parts.append(f"anchor {cfg.anchor.mode}/{cfg.anchor.placement}")
+    return ", ".join(parts)
+
+
+def expand_grid(base: RunConfig, grids: list[dict[str, list]]) -> list[Cell]:
+    """Return the distinct cells of the grids' products, in order (each cell one arm of compare)."""
+    cells, seen = [], set()
+    for grid in grids or [{}]:
+        grid = dict(grid)
+        if "method" not in grid and "compare.arms" not in grid:
+            grid["method"] = [a.strip() for a in base.compare.arms.split(",") if a.strip()]
+        for combination in itertools.product(*grid.values()):
+            cfg = copy.deepcopy(base)
+            overrides = {}
+            for axis, value in zip(grid, combination):
+                overrides.update({key: value for key in AXES.get(axis, (axis,))})
+            where = "sweep grid cell " + ", ".join(f"{a}={v}" for a, v in zip(grid, combination))
+            apply_overrides(cfg, overrides, where)
+            if cfg.compare.arms not in ARMS:
+                raise TellInputError(f"{where}: method {cfg.compare.arms!r} is not one of {list(ARMS)}")
+            try:
+                validate(cfg)
+            except TellInputError as err:
+                raise TellInputError(f"{where}: {err}") from None
+            cfg = normalise(cfg)
+            key = cell_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                cells.append(Cell(key, cell_label(cfg), cfg))
+    return cells
+
+
+# --- store -----------------------------------------------------------------------------------------
+
+def open_store(path: str | Path) -> sqlite3.Connection:
+    """Return a connection to the sweep database (created if missing); autocommit, explicit transactions."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def register(conn: sqlite3.Connection, cells: list[Cell], settings: dict | None = None) -> None:
+    """Add new cells as pending (known cells keep their state), make `cells` the sweep's plan and keep the
+    sweep settings (metric, resamples) for the report."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
+        conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
+                         [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
+        conn.execute("DELETE FROM plan")
+        conn.executemany("INSERT INTO plan (key, position) VALUES (?, ?)", [(c.key, i) for i, c in enumerate(cells)])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def recover_stale(conn: sqlite3.Connection) -> int:
+    """Return how many 'running' cells of dead processes on this host were put back to pending."""
+    host = socket.gethostname()
+    stale = [r["key"] for r in conn.execute("SELECT key, pid FROM cells WHERE status = 'running' AND host = ?",
+                                            (host,)) if not _alive(r["pid"])]
+    for key in stale:
+        conn.execute("UPDATE cells SET status = 'pending', error = 'interrupted: its process died' "
+                     "WHERE key = ? AND status = 'running'", (key,))
+    return len(stale)
+
+
+def claim(conn: sqlite3.Connection, key: str) -> bool:
+    """Mark a pending or failed cell as running by this process; return False if another took it first."""
+    conn.execute("BEGIN IMMEDIATE")
+    cursor = conn.execute("UPDATE cells SET status = 'running', pid = ?, host = ?, started = ?, error = NULL, "
+                          "attempts = attempts + 1 WHERE key = ? AND status IN ('pending', 'failed')",
+                          (os.getpid(), socket.gethostname(), time.time(), key))
+    conn.execute("COMMIT")
+    return cursor.rowcount == 1
+
+
+def finish(conn: sqlite3.Connection, key: str, result: dict, wall_s: float) -> None:
+    conn.execute("UPDATE cells SET status = 'done', result = ?, finished = ?, wall_s = ?, pid = NULL "
+                 "WHERE key = ?", (json.dumps(result), time.time(), round(wall_s, 2), key))
+
+
+def fail(conn: sqlite3.Connection, key: str, error: str, status: str = "failed") -> None:
+    conn.execute("UPDATE cells SET status = ?, error = ?, pid = NULL WHERE key = ?", (status, error, key))
+
+
+def planned_cells(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Return the rows of the current plan's cells, in plan order."""
+    return list(conn.execute("SELECT cells.* FROM plan JOIN cells USING (key) ORDER BY plan.position"))
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+def db_path(out: str | Path) -> Path:
+    return Path(out) / DB_NAME
+
+
+def plan_sweep(config_path: str | Path, overrides: dict | None = None) -> tuple[RunConfig, Path]:
+    """Return (base config, sweep directory) after registering the sweep's cells in its database."""
+    base, grids = load_sweep(config_path, overrides)
+    out = Path(base.out or "runs/sweep")
+    conn = open_store(db_path(out))
+    register(conn, expand_grid(base, grids), config_dict(base.sweep))
+    conn.close()
+    return base, out
+
+
+def run_sweep(config_path: str | Path, overrides: dict | None = None, write_report: bool = True) -> dict:
+    """Run every cell of the sweep that is not done yet; return the status after the run."""
+    from tell.compare import run_cell
+    base, out = plan_sweep(config_path, overrides)
+    conn = open_store(db_path(out))
+    if recovered := recover_stale(conn):
+        print(f"[tell] sweep: {recovered} cell(s) left running by a killed sweep will run again", file=sys.stderr)
+    ran = 0
+    for row in planned_cells(conn):
+        if base.sweep.max_cells and ran >= base.sweep.max_cells:
+            break
+        if row["status"] in ("done", "running") or not claim(conn, row["key"]):
+            continue
+        ran += 1
+        print(f"[tell] sweep cell {row['key']}: {row['label']}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            result = run_cell(config_from_dict(json.loads(row["config"])))
+        except KeyboardInterrupt:
+            fail(conn, row["key"], "interrupted", status="pending")
+            raise
+        except Exception as err:  # noqa: BLE001 - one broken cell must not stop the sweep; its error is kept
+            fail(conn, row["key"], f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
+            print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
+            continue
+        finish(conn, row["key"], _stored_result(result, out / "cells" / row["key"]), time.perf_counter() - start)
+    status = sweep_status(out)
+    conn.close()
+    if write_report:
+        write_sweep_report(out)
+    return status
+
+
+def _stored_result(result: dict, cell_dir: Path) -> dict:
+    """Return the cell result as stored (with per-row scores) after copying its small files to cell_dir."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (result["run_dir"], result["eval_dir"]):
+        for name in CELL_FILES:
+            if folder and (Path(folder) / name).is_file():
+                shutil.copy2(Path(folder) / name, cell_dir / name)
+    with open(Path(result["eval_dir"]) / "generations.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {**result, "row_ids": [r["id"] for r in records], "row_scores": [r["score"] for r in records]}
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+def sweep_status(out: str | Path) -> dict:
+    """Return done / running / left counts of the sweep in `out` and the estimated seconds left."""
+    path = db_path(out)
+    if not path.is_file():
+        raise TellInputError("no sweep database here (run `tell sweep --config FILE` first)", path)
+    conn = open_store(path)
+    recover_stale(conn)
+    rows = planned_cells(conn)
+    conn.close()
+    rates = measured_rates([r for r in rows if r["status"] == "done"])
+    left = [r for r in rows if r["status"] in ("pending", "failed")]
+    running = [r for r in rows if r["status"] == "running"]
+    estimate = sum(estimate_cell_s(config_from_dict(json.loads(r["config"])), rates) for r in left + running)
+    return {"cells": len(rows), "done": sum(r["status"] == "done" for r in rows), "running": len(running),
+            "left": len(left), "failed": sum(r["status"] == "failed" for r in rows),
+            "estimate_left_s": round(estimate), "rates": rates,
+            "running_cells": [{"key": r["key"], "label": r["label"], "pid": r["pid"], "host": r["host"],
+                               "elapsed_s": round(time.time() - (r["started"] or time.time()))} for r in running],
+            "failed_cells": [{"key": r["key"], "label": r["label"], "error": (r["error"] or "").splitlines()[0]}
+                             for r in rows if r["status"] == "failed"]}
+
+
+def measured_rates(done_rows: list) -> dict:
+    """Return training tok/s, eval s per test row (at 192 new tokens) and tokens per task row, measured on
+    finished cells where they ran (cached stages take ~0 s and are left out); defaults otherwise."""
+    rates, train, evals, sizes = dict(DEFAULT_RATES), [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    for row in done_rows:
+        result = json.loads(row["result"])
+        metrics, timing, cfg = result["metrics"], result["timing"], json.loads(row["config"])
+        if timing.get("train_s", 0) > 5:
+            train[0] += metrics.get("trained_tokens", 0)
+            train[1] += timing["train_s"]
+        if timing.get("eval_s", 0) > 5 and metrics.get("n"):
+            budget = metrics.get("generation", {}).get("max_new_tokens") or 192
+            evals[0] += metrics["n"] * budget / 192
+            evals[1] += timing["eval_s"]
+        if metrics.get("task_tokens") and cfg["compare"]["arms"] != "general":
+            sizes[0] += metrics["task_tokens"]
+            sizes[1] += result.get("task_rows", 0)
+    for key, (num, den) in (("train_tok_s", train), ("eval_s_per_row", (evals[1], evals[0])),
+                            ("task_row_tokens", sizes)):
+        if num > 0 and den > 0:
+            rates[key] = round(num / den, 3)
+    return rates
+
+
+def estimate_cell_s(cfg: RunConfig, rates: dict) -> float:
+    """Return the predicted wall seconds of one cell: training tokens / tok/s + test rows × s per row."""
+    arm = cfg.compare.arms
+    task_tokens = cfg.compare.task_tokens or cfg.compare.task_rows * rates["task_row_tokens"]
+    ratio = 10.0 if str(cfg.mix.ratio) == "max" else float(cfg.mix.ratio)
+    tell_rows = task_tokens / rates["task_row_tokens"] + ratio * task_tokens / rates["general_row_tokens"]
+    trained = {"base": 0.0, "base-anchor": 0.0, "sft": task_tokens * cfg.train.epochs,
+               "sft-matched": tell_rows * rates["task_row_tokens"] * cfg.train.epochs,
+               "tell": task_tokens * (1 + ratio) * cfg.train.epochs, "general": task_tokens * ratio}[arm]
+    test_rows = cfg.eval.limit or 100
+    budget = (cfg.generate.max_new_tokens or 192) / 192
+    return rates["overhead_s"] + trained / rates["train_tok_s"] + test_rows * rates["eval_s_per_row"] * budget
+
+
+def status_text(status: dict) -> str:
+    """Return the status as a few lines of text (what `tell sweep --status` prints)."""
+    hours, rest = divmod(status["estimate_left_s"], 3600)
+    lines = [f"cells: {status['cells']}  done: {status['done']}  running: {status['running']}  "
+             f"left: {status['left']} (failed: {status['failed']})",
+             f"estimated time left: {hours} h {rest // 60:02d} min (training {status['rates']['train_tok_s']:g} "
+             f"tok/s, {status['rates']['eval_s_per_row']:g} s per test row at 192 new tokens)"]
+    lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s)"
+              for c in status["running_cells"]]
+    lines += [f"failed: {c['key']} {c['label']}: {c['error']}" for c in status["failed_cells"]]
+    return "\n".join(lines)
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def result_rows(out: str | Path) -> list[dict]:
+    """Return one flat record per finished cell of the sweep in `out` (what the report functions read)."""
+    conn = open_store(db_path(out))
+    rows = [r for r in planned_cells(conn) if r["status"] == "done"]
+    conn.close()
+    records = []
+    for row in rows:
+        cfg, result = config_from_dict(json.loads(row["config"])), json.loads(row["result"])
+        metrics = result["metrics"]
+        records.append({
+            "key": row["key"], "label": row["label"], "method": cfg.compare.arms,
+            "size": f"{cfg.compare.task_tokens} tokens" if cfg.compare.task_tokens else f"{cfg.compare.task_rows} rows",
+            "task_rows": result.get("task_rows", 0), "task_tokens": metrics.get("task_tokens", 0),
+            "general_tokens": metrics.get("general_tokens", 0), "ratio": str(cfg.mix.ratio),
+            "anchor": cfg.anchor.mode if cfg.compare.arms not in ("base", "sft") else "none",
+            "placement": cfg.anchor.placement, "order": cfg.mix.order, "lr": cfg.train.lr, "seed": cfg.train.seed,
+            "task": cfg.eval.task, "metrics": metrics, "row_ids": result["row_ids"],
+            "row_scores": result["row_scores"], "anchor_text": result.get("anchor", ""), "wall_s": row["wall_s"],
+        })
+    return records
+
+
+def write_sweep_report(out: str | Path) -> Path:
+    """Write report.md, report.html and the plots of the sweep in `out`; return report.md's path."""
+    from tell.sweep_report import render_sweep_report
+    conn = open_store(db_path(out))
+    stored = conn.execute("SELECT value FROM meta WHERE name = 'sweep'").fetchone()
+    conn.close()
+    settings = {**config_dict(RunConfig().sweep), **(json.loads(stored["value"]) if stored else {})}
+    return render_sweep_report(result_rows(out), sweep_status(out), Path(out), settings["metric"],
+                               settings["resamples"])

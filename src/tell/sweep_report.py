@@ -1,0 +1,427 @@
+"""Stage 8 — report, for sweeps: curves, the token-efficiency multiplier and report.md/.html. Never trains.
+
+In: one flat record per finished sweep cell (method, size, settings, task/general tokens, per-row scores), as
+``sweep.result_rows`` returns them. Out: PNG plots (log-x where tokens are on the axis, 95% bootstrap bands),
+the multiplier table (the SFT task tokens that reach each TELL point's score, as a multiple of TELL's task
+tokens) and ``report.md`` + ``report.html``. Pure functions of the records, apart from writing files.
+"""
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS = ("ratio", "anchor", "placement", "order", "lr")
+# The settings that can change each method's result (the sweep resets the others to defaults).
+RELEVANT = {"base": (), "base-anchor": ("anchor", "placement"), "sft": ("lr",),
+            "sft-matched": SETTINGS, "tell": SETTINGS, "general": SETTINGS}
+METHOD_ORDER = ("base", "base-anchor", "general", "sft", "sft-matched", "tell")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a curve: the mean over its seeds, with a 95% bootstrap interval."""
+
+    curve: str
+    x: float
+    y: float
+    low: float
+    high: float
+    cells: tuple
+
+
+def cell_value(record: dict, metric: str) -> float:
+    """Return a cell's score: the mean per-row task score ('score') or a key of its metrics.json."""
+    if metric == "score":
+        scores = record["row_scores"]
+        return float(np.mean(scores)) if scores else 0.0
+    return float(record["metrics"][metric])
+
+
+def resampled_means(groups: list[list[dict]], metric: str, resamples: int, seed: int = 0) -> np.ndarray:
+    """Return (resamples × groups) bootstrap means: test rows resampled (paired across groups, for 'score'
+    when all cells share their test rows) and each group's seeds resampled."""
+    rng = np.random.default_rng(seed)
+    ids = groups[0][0]["row_ids"] if groups and groups[0] else []
+    paired = metric == "score" and bool(ids) and all(r["row_ids"] == ids for g in groups for r in g)
+    rows = rng.integers(0, len(ids), size=(resamples, len(ids))) if paired else None
+    out = np.empty((resamples, len(groups)))
+    for j, group in enumerate(groups):
+        seeds = rng.integers(0, len(group), size=(resamples, len(group)))
+        if paired:
+            per_seed = np.array([r["row_scores"] for r in group], dtype=float)[:, rows].mean(axis=2)
+            out[:, j] = per_seed[seeds, np.arange(resamples)[:, None]].mean(axis=1)
+        else:
+            out[:, j] = np.array([cell_value(r, metric) for r in group])[seeds].mean(axis=1)
+    return out
+
+
+def _quantiles(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Return the percentile interval by rank (so +inf, 'not reached', may be the upper end)."""
+    ordered = np.sort(values)
+    tail = (1 - level) / 2 * (len(ordered) - 1)
+    return float(ordered[int(math.floor(tail))]), float(ordered[int(math.ceil(len(ordered) - 1 - tail))])
+
+
+def curve_label(record: dict, varying: dict[str, set]) -> str:
+    """Return the method plus the settings that vary among that method's cells."""
+    parts = [record["method"]] + [f"{k} {record[k]}" for k in RELEVANT[record["method"]]
+                                  if len(varying.get(record["method"], {}).get(k, ())) > 1]
+    return ", ".join(parts)
+
+
+def varying_settings(records: list[dict]) -> dict[str, dict[str, set]]:
+    """Return {method: {setting: distinct values}} over the records."""
+    out = defaultdict(lambda: defaultdict(set))
+    for r in records:
+        for k in SETTINGS:
+            out[r["method"]][k].add(r[k])
+    return out
+
+
+def curve_points(records: list[dict], metric: str, x_key: str, curve_of, point_of, resamples: int,
+                 seed: int = 0) -> dict[str, list[Point]]:
+    """Return {curve: points sorted by x}; a point averages the cells (seeds) sharing curve and point keys."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(curve_of(r), point_of(r))].append(r)
+    keys = list(groups)
+    if not keys:
+        return {}
+    samples = resampled_means([groups[k] for k in keys], metric, resamples, seed)
+    curves = defaultdict(list)
+    for j, key in enumerate(keys):
+        cells = groups[key]
+        low, high = _quantiles(samples[:, j])
+        if len(cells) == 1 and metric != "score" and metric in cells[0]["metrics"].get("ci95", {}):
+            low, high = cells[0]["metrics"]["ci95"][metric]  # one seed: the metric's own test-row interval
+        curves[key[0]].append(Point(key[0], float(np.mean([r[x_key] for r in cells])),
+                                    float(np.mean([cell_value(r, metric) for r in cells])), low, high, tuple(cells)))
+    return {c: sorted(points, key=lambda p: p.x) for c, points in curves.items()}
+
+
+# --- token-efficiency multiplier -------------------------------------------------------------------
+
+def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> tuple[float, bool] | None:
+    """Return (task tokens at which the curve first reaches `target`, True if only an upper bound), or None.
+
+    The curve is (tokens, score) points, interpolated linearly in log10(tokens). When its smallest point
+    already reaches the target, that size is returned as an upper bound; None means never reached.
+    """
+    points = sorted(p for p in curve if p[0] > 0)
+    if not points:
+        return None
+    if points[0][1] >= target:
+        return points[0][0], True
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y0 < target <= y1:
+            fraction = (target - y0) / (y1 - y0)
+            return 10 ** (math.log10(x0) + fraction * (math.log10(x1) - math.log10(x0))), False
+    return None
+
+
+def _multiple(hit: tuple[float, bool] | None, tokens: float) -> float:
+    return hit[0] / tokens if hit else math.inf
+
+
+def efficiency(records: list[dict], metric: str, resamples: int, seed: int = 0) -> list[dict]:
+    """Return one row per TELL point: the SFT task tokens reaching its score as a multiple of its task
+    tokens (multiplier), with a bootstrap interval; multiplier None = SFT never gets there."""
+    tell = [r for r in records if r["method"] == "tell" and r["task_tokens"] > 0]
+    sft = [r for r in records if r["method"] == "sft" and r["task_tokens"] > 0]
+    if not tell or not sft:
+        return []
+    varying = varying_settings(records)
+    tell_groups = defaultdict(list)
+    for r in tell:
+        tell_groups[(curve_label(r, varying), r["size"])].append(r)
+    out = []
+    for (label, size), cells in tell_groups.items():
+        same_lr = [r for r in sft if r["lr"] == cells[0]["lr"]] or sft
+        by_size = defaultdict(list)
+        for r in same_lr:
+            by_size[r["size"]].append(r)
+        sft_groups = list(by_size.values())
+        samples = resampled_means([cells] + sft_groups, metric, resamples, seed)
+        xs = [float(np.mean([r["task_tokens"] for r in g])) for g in sft_groups]
+        x = float(np.mean([r["task_tokens"] for r in cells]))
+        y = float(np.mean([cell_value(r, metric) for r in cells]))
+        curve = [(xk, float(np.mean([cell_value(r, metric) for r in g]))) for xk, g in zip(xs, sft_groups)]
+        reach = tokens_to_reach(curve, y)
+        boot = np.array([_multiple(tokens_to_reach(list(zip(xs, s[1:])), s[0]), x) for s in samples])
+        out.append({"label": label, "size": size, "task_tokens": x, "score": y, "seeds": len(cells),
+                    "general_tokens": float(np.mean([r["general_tokens"] for r in cells])),
+                    "sft_tokens": reach[0] if reach else None, "at_most": bool(reach and reach[1]),
+                    "multiplier": reach[0] / x if reach else None, "ci95": list(_quantiles(boot)),
+                    "sft_best": max(curve, key=lambda p: p[1]), "sft_lr_matched": same_lr is not sft})
+    return sorted(out, key=lambda e: (e["label"], e["task_tokens"]))
+
+
+def _times(value: float) -> str:
+    return "not reached" if math.isinf(value) else f"{value:.3g}×"
+
+
+def efficiency_table(rows: list[dict]) -> str:
+    """Return the multiplier rows as a Markdown table."""
+    lines = ["| TELL point | task tokens | general tokens | score | SFT tokens to match | multiplier [95%] |",
+             "|---|---|---|---|---|---|"]
+    for e in rows:
+        if e["multiplier"] is None:
+            best_y = e["sft_best"][1]
+            multiplier = f"not reached (SFT's best: {best_y:.3g} at {e['sft_best'][0]:.3g} tokens)"
+            sft_tokens = "–"
+        else:
+            multiplier = ("≤ " if e["at_most"] else "") + _times(e["multiplier"])
+            sft_tokens = ("≤ " if e["at_most"] else "") + f"{e['sft_tokens']:.3g}"
+        ci = f" [{_times(e['ci95'][0])}, {_times(e['ci95'][1])}]"
+        lines.append(f"| {e['label']} ({e['size']}) | {e['task_tokens']:.3g} | {e['general_tokens']:.3g} | "
+                     f"{e['score']:.3f} | {sft_tokens} | {multiplier}{ci} |")
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def _axes(figsize=(7, 4.2)):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=figsize)
+    return plt, fig, ax
+
+
+def _draw_curves(ax, curves: dict[str, list[Point]], style: str = "-o") -> None:
+    for i, (label, points) in enumerate(sorted(curves.items())):
+        xs = [p.x for p in points]
+        ax.fill_between(xs, [p.low for p in points], [p.high for p in points], color=f"C{i}", alpha=0.18, lw=0)
+        ax.plot(xs, [p.y for p in points], style, color=f"C{i}", label=label, ms=4)
+
+
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main_setting(records: list[dict]) -> dict:
+    """Return the settings of the ablation: those of the `general` cells, else the most common TELL ones."""
+    pool = [r for r in records if r["method"] == "general"] or [r for r in records if r["method"] == "tell"]
+    if not pool:
+        return {}
+    common = Counter(tuple(r[k] for k in SETTINGS) for r in pool).most_common(1)[0][0]
+    return dict(zip(SETTINGS, common))
+
+
+def _matches(record: dict, setting: dict, skip: tuple = ()) -> bool:
+    return all(record[k] == v for k, v in setting.items() if k in RELEVANT[record["method"]] and k not in skip)
+
+
+def plot_task_tokens(records, metric, path: Path, resamples: int) -> bool:
+    """Write task tokens (log) vs score: SFT, SFT-matched and TELL curves, base as a band (paper Fig. 7/8)."""
+    trained = [r for r in records if r["method"] in ("sft", "sft-matched", "tell") and r["task_tokens"] > 0]
+    if not trained:
+        return False
+    varying = varying_settings(records)
+    plt, fig, ax = _axes()
+    _draw_curves(ax, curve_points(trained, metric, "task_tokens", lambda r: curve_label(r, varying),
+                                  lambda r: r["size"], resamples))
+    _base_band(ax, records, metric, resamples)
+    ax.set_xscale("log")
+    _finish(plt, fig, ax, path, "task tokens (log)", metric, "Task tokens vs score (bands: 95% bootstrap)")
+    return True
+
+
+def _base_band(ax, records, metric, resamples) -> None:
+    base = [r for r in records if r["method"] == "base"]
+    if base:
+        point = curve_points(base, metric, "task_tokens", lambda r: "base", lambda r: "", resamples)["base"][0]
+        ax.axhspan(point.low, point.high, color="grey", alpha=0.15, lw=0)
+        ax.axhline(point.y, color="grey", ls="--", lw=1, label="base (untrained)")
+
+
+def plot_general_tokens(records, metric, path: Path, resamples: int) -> bool:
+    """Write general tokens (log) vs score, one TELL curve per task size (paper Fig. 11/12)."""
+    setting = main_setting(records)
+    tell = [r for r in records if r["method"] == "tell" and r["general_tokens"] > 0
+            and _matches(r, setting, skip=("ratio",))]
+    if not tell:
+        return False
+    plt, fig, ax = _axes()
+    curves = curve_points(tell, metric, "general_tokens", lambda r: f"TELL, {r['size']}", lambda r: r["ratio"],
+                          resamples)
+    _draw_curves(ax, curves)
+    for i, label in enumerate(sorted(curves)):
+        size = label.split(", ", 1)[1]
+        sft = [r for r in records if r["method"] == "sft" and r["size"] == size]
+        if sft:
+            ax.axhline(np.mean([cell_value(r, metric) for r in sft]), color=f"C{i}", ls=":", lw=1,
+                       label=f"SFT, {size}")
+    ax.set_xscale("log")
+    _finish(plt, fig, ax, path, "general tokens (log)", metric, "General tokens vs score per task size")
+    return True
+
+
+def plot_anchor(records, metric, path: Path, resamples: int) -> bool:
+    """Write task tokens vs score of TELL per anchor (none / manual / self-instruct, placement) (Fig. 5/6/16)."""
+    setting = main_setting(records)
+    tell = [r for r in records if r["method"] == "tell" and _matches(r, setting, skip=("anchor", "placement"))]
+    if len({(r["anchor"], r["placement"]) for r in tell}) < 2:
+        return False
+    plt, fig, ax = _axes()
+    _draw_curves(ax, curve_points(tell, metric, "task_tokens", lambda r: f"anchor {r['anchor']}, {r['placement']}",
+                                  lambda r: r["size"], resamples))
+    ax.set_xscale("log")
+    _finish(plt, fig, ax, path, "task tokens (log)", metric, "TELL with and without an anchor")
+    return True
+
+
+def plot_ablation(records, metric, path: Path, resamples: int) -> bool:
+    """Write bars per task size: base, general-only, SFT, TELL (and controls) at one setting (Fig. 9/10)."""
+    setting = main_setting(records)
+    chosen = [r for r in records if _matches(r, setting)]
+    sizes = sorted({r["size"] for r in chosen if r["method"] == "tell"}, key=lambda s: (len(s), s))
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in chosen)]
+    if not sizes or len(methods) < 2:
+        return False
+    points = curve_points(chosen, metric, "task_tokens", lambda r: r["method"],
+                          lambda r: "" if r["method"] in ("base", "base-anchor") else r["size"], resamples)
+    plt, fig, ax = _axes((max(6.0, 1.4 * len(sizes) * len(methods) / 2), 4.2))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        by_size = {p.cells[0]["size"]: p for p in points.get(method, [])}
+        for s, size in enumerate(sizes):
+            p = next(iter(by_size.values())) if method in ("base", "base-anchor") and by_size else by_size.get(size)
+            if p is not None:
+                ax.bar(s + (i - (len(methods) - 1) / 2) * width, p.y, width,
+                       yerr=[[max(p.y - p.low, 0)], [max(p.high - p.y, 0)]], capsize=3, color=f"C{i}",
+                       label=method if s == 0 else None)
+    ax.set_xticks(range(len(sizes)), sizes)
+    _finish(plt, fig, ax, path, "task size", metric, "Ablation: " + ", ".join(f"{k} {v}" for k, v in setting.items()))
+    return True
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cells_table(records: list[dict], metric: str) -> str:
+    """Return every finished cell as a Markdown table row: settings, tokens, score, retention, wall time."""
+    head = ["cell", "method", "size", "task tokens", "general tokens", metric, "steps", "general loss",
+            "general ppl", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        m = r["metrics"]
+        lines.append("| " + " | ".join([r["label"], r["method"], r["size"], f"{r['task_tokens']:,}",
+                                         f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}",
+                                         str(m.get("optimizer_steps", 0)), _fmt(m.get("general_loss", "–")),
+                                         _fmt(m.get("general_ppl", "–")), _fmt(r["wall_s"] or 0.0)]) + " |")
+    return "\n".join(lines)
+
+
+def retention_table(records: list[dict]) -> str:
+    """Return held-out general loss per cell and its change against the untrained base model."""
+    base = [r["metrics"]["general_loss"] for r in records if r["method"] == "base" and "general_loss" in r["metrics"]]
+    reference = float(np.mean(base)) if base else None
+    lines = ["| cell | general loss (nats/token) | perplexity | change vs base |", "|---|---|---|---|"]
+    for r in records:
+        m = r["metrics"]
+        if "general_loss" not in m:
+            continue
+        change = f"{m['general_loss'] - reference:+.4f}" if reference is not None else "–"
+        lines.append(f"| {r['label']} | {m['general_loss']:.4f} | {m['general_ppl']:.3f} | {change} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no held-out general loss in these cells)"
+
+
+def points_table(curves: dict[str, list[Point]], x_name: str) -> str:
+    lines = [f"| curve | {x_name} | score [95%] | seeds |", "|---|---|---|---|"]
+    for label, points in sorted(curves.items()):
+        lines += [f"| {label} | {p.x:.3g} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} |" for p in points]
+    return "\n".join(lines)
+
+
+PLOTS = (("task_tokens.png", plot_task_tokens, "Task tokens vs score — TELL and SFT (paper Fig. 7/8)"),
+         ("general_tokens.png", plot_general_tokens, "General tokens vs score per task size (Fig. 11/12)"),
+         ("ablation.png", plot_ablation, "Ablation: base, general-only, SFT, TELL (Fig. 9/10)"),
+         ("anchor.png", plot_anchor, "Anchor vs no anchor, manual vs self-instruct (Fig. 5/6/16)"))
+
+
+def render_sweep_report(records: list[dict], status: dict, out_dir: Path, metric: str = "score",
+                        resamples: int = 1000) -> Path:
+    """Write every plot, report.md and report.html of a sweep into out_dir; return report.md's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = efficiency(records, metric, resamples)
+    task = records[0]["task"] if records else "?"
+    parts = [f"# tell sweep — {task}", "",
+             f"{status['done']} of {status['cells']} cells done, {status['running']} running, {status['left']} left "
+             f"({status['failed']} failed). Score: `{metric}`"
+             + (" (mean per-row task score)" if metric == "score" else "") + ". Bands and brackets: 95% bootstrap "
+             "intervals over test rows (paired across cells) and seeds.", "",
+             "## Token-efficiency multiplier", "",
+             "For every TELL point, the SFT task tokens that reach the same score — interpolated on the SFT curve "
+             "in log-token space (SFT cells at the same learning rate when there are any) — as a multiple of "
+             "TELL's task tokens. `≤` marks a score SFT already reaches at its smallest size; `not reached`, one "
+             "SFT never reaches in this sweep.", "",
+             efficiency_table(rows) if rows else "(needs finished `tell` and `sft` cells)", ""]
+    for name, plot, title in PLOTS:
+        if records and plot(records, metric, out_dir / name, resamples):
+            parts += [f"## {title}", "", f"![{title}]({name})", ""]
+        elif (out_dir / name).exists():
+            (out_dir / name).unlink()  # a stale plot from an earlier render would contradict the tables
+    varying = varying_settings(records)
+    curves = curve_points([r for r in records if r["task_tokens"] > 0], metric, "task_tokens",
+                          lambda r: curve_label(r, varying), lambda r: r["size"], resamples)
+    parts += ["## Points (mean over seeds)", "", points_table(curves, "task tokens") if curves else "(none)", "",
+              "## General-ability retention", "",
+              "Loss on held-out general rows (answer tokens only, as in training): what each fine-tune cost.", "",
+              retention_table(records), "", "## All cells", "", cells_table(records, metric), ""]
+    text = "\n".join(parts)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    (out_dir / "report.html").write_text(markdown_html(text, f"tell sweep — {task}"), encoding="utf-8")
+    return out_dir / "report.md"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_html(text: str, title: str) -> str:
+    """Return a standalone HTML page of the Markdown this module writes (headings, tables, images, lists)."""
+    body, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if match := re.match(r"(#+) (.*)", line):
+            level = len(match.group(1))
+            body.append(f"<h{level}>{_inline(match.group(2))}</h{level}>")
+        elif match := re.match(r"!\[(.*)\]\((.*)\)", line):
+            body.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}"></p>')
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
