@@ -114,6 +114,9 @@ def test_compare_writes_report_results_and_chart(tiny_model_dir, user_task, tmp_
     assert results["general"]["task_tokens"] == 0 and results["general"]["general_tokens"] > 0
     assert results["tell"]["general_tokens"] == results["general"]["general_tokens"]
     assert "| tell |" in (out / "report.md").read_text()
+    # every arm reports what it cost on held-out general rows (DPO-demo answers, not in the general pool)
+    assert all(results[arm]["general_loss"] > 0 and results[arm]["general_loss_rows"] == 32 for arm in arms)
+    assert "Held-out general rows" in (out / "report.md").read_text()
 
 
 def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, capsys):
@@ -142,3 +145,68 @@ def test_compare_refuses_bad_input_before_training(tiny_model_dir, user_task, tm
     assert not out.exists() and not out.with_name("bad.partial").exists()
     assert tell(*_compare_args(tiny_model_dir, user_task, out, arms="base,typo")) == 2
     assert "typo" in capsys.readouterr().err
+
+
+def test_general_loss_is_the_mean_answer_token_loss(tiny_model_dir, general_file):
+    import math
+
+    import torch
+
+    from tell.data import load_examples
+    from tell.evaluate import general_loss
+    from tell.mix import encode_examples
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    examples = load_examples(general_file, "general")[:5]
+    values = general_loss(run.model, run.tokenizer, examples, max_batch_tokens=64)  # several batches
+    assert values["general_loss_rows"] == 5 and values["general_ppl"] == pytest.approx(math.exp(values["general_loss"]), rel=1e-3)
+    total, count = 0.0, 0
+    for enc in encode_examples(run.tokenizer, examples):  # one row at a time, the model's own loss
+        ids = torch.tensor([enc.input_ids])
+        labels = ids.clone()
+        labels[0, :enc.prompt_tokens] = -100
+        with torch.no_grad():
+            loss = run.model(input_ids=ids, labels=labels).loss
+        n = len(enc.input_ids) - enc.prompt_tokens
+        total, count = total + float(loss) * n, count + n
+    assert values["general_loss"] == pytest.approx(total / count, rel=1e-3)
+    assert values["general_loss_tokens"] == count
+
+
+def test_harness_without_lm_eval_says_so(tiny_model_dir, capsys):
+    try:
+        import lm_eval  # noqa: F401
+        pytest.skip("lm-eval is installed here")
+    except ImportError:
+        pass
+    assert tell("eval", "--model", tiny_model_dir, "--harness", "hellaswag") == 2
+    assert "lm-eval" in capsys.readouterr().err
+
+
+def test_decode_loop_matches_transformers_generate(tiny_model_dir):
+    """tell's decode loop (top-k sampling over candidates, finished rows leave the batch) gives the same
+    greedy tokens as transformers' generate with the same repetition penalty, in fp32."""
+    import torch
+    from tell.generate import decode_batch, sampling_kwargs
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    tok = run.tokenizer
+    tok.padding_side = "left"
+    texts = prompt_texts(run, [({"role": "user", "content": "Hi " * (i * 3 + 1)},) for i in range(5)])
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    cfg = GenerateConfig(greedy=True)
+    eos = tok.eos_token_id
+    with torch.inference_mode():
+        ref = run.model.generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                 **sampling_kwargs(cfg))[:, enc["input_ids"].shape[1]:].tolist()
+        mine = decode_batch(run.model, enc["input_ids"], enc["attention_mask"], cfg, 10, eos)
+    ref = [row[:row.index(eos) + 1] if eos in row else row for row in ref]
+    assert mine == ref
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    import torch
+    from tell.generate import next_tokens
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    cfg = GenerateConfig(temperature=1.0, top_k=4, top_p=0.7, repetition_penalty=1.0)
+    torch.manual_seed(0)
+    drawn = {int(next_tokens(logits, torch.zeros((1, 1), dtype=torch.long) + 3, cfg)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the 0.15 and 0.05 tokens are cut

@@ -118,6 +118,58 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
+    """Return one token per row: repetition penalty, then greedy, or temperature → top-k → top-p sampling.
+
+    Same distribution as transformers' processors in the same order, but sampling runs over the k
+    candidates instead of the whole vocabulary (torch.multinomial over 49k entries cost 19 ms a step).
+    """
+    if cfg.repetition_penalty != 1.0:
+        score = logits.gather(1, seen)
+        score = torch.where(score < 0, score * cfg.repetition_penalty, score / cfg.repetition_penalty)
+        logits = logits.scatter(1, seen, score)
+    if cfg.greedy:
+        return logits.argmax(-1)
+    values, indices = torch.topk(logits / cfg.temperature, min(cfg.top_k or logits.shape[-1], logits.shape[-1]))
+    probs = values.softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability mass ranked above each candidate
+    probs = probs.masked_fill(before >= cfg.top_p, 0.0)
+    probs[:, 0] = probs[:, 0].clamp_min(1e-12)  # the top candidate always survives, as in transformers
+    choice = torch.multinomial(probs, 1)
+    return indices.gather(1, choice).squeeze(1)
+
+
+def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConfig, max_new_tokens: int,
+                 eos_id: int) -> list[list[int]]:
+    """Return the new token ids of each left-padded row (EOS included when reached).
+
+    One prefill (logits only at the last position), then one token per step with the KV cache; a row that
+    reaches EOS leaves the batch and its cache, so finished rows cost nothing while others go on.
+    """
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    alive = torch.arange(ids.shape[0], device=ids.device)
+    seen, answers = ids, [[] for _ in range(ids.shape[0])]
+    for step in range(max_new_tokens):
+        chosen = next_tokens(logits, seen, cfg)
+        for row, token in zip(alive.tolist(), chosen.tolist()):
+            answers[row].append(token)
+        keep = (chosen != eos_id).nonzero().squeeze(1)
+        if step == max_new_tokens - 1 or keep.numel() == 0:
+            break
+        if keep.numel() < alive.numel():
+            cache.batch_select_indices(keep)
+            alive, chosen, seen, mask = alive[keep], chosen[keep], seen[keep], mask[keep]
+        seen = torch.cat([seen, chosen[:, None]], dim=1)
+        positions = mask.sum(-1, keepdim=True)  # left padding: a row's next position is its token count
+        mask = torch.cat([mask, torch.ones_like(chosen)[:, None]], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return answers
+
+
 @torch.inference_mode()
 def generate_texts(model, tokenizer, texts: list[str], cfg: GenerateConfig, max_new_tokens: int,
                    progress: bool = True) -> list[str]:
@@ -138,13 +190,10 @@ def generate_texts(model, tokenizer, texts: list[str], cfg: GenerateConfig, max_
         for row, i in enumerate(batch):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                   eos_token_id=tokenizer.eos_token_id, **sampling_kwargs(cfg))
+        answers = decode_batch(model, ids.to(device), mask.to(device), cfg, max_new_tokens, tokenizer.eos_token_id)
         for row, i in enumerate(batch):
-            answer = generated[row, width:]
-            new_tokens += int((answer != pad_id).sum())
-            outputs[i] = tokenizer.decode(answer, skip_special_tokens=True)
+            new_tokens += len(answers[row])
+            outputs[i] = tokenizer.decode(answers[row], skip_special_tokens=True)
         bar.update(len(batch))
         bar.set_postfix(new_tok=new_tokens)
     bar.close()
