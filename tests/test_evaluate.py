@@ -210,3 +210,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     torch.manual_seed(0)
     drawn = {int(next_tokens(logits, torch.zeros((1, 1), dtype=torch.long) + 3, cfg)) for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the 0.15 and 0.05 tokens are cut
+
+
+def test_shared_prefix_cache_changes_nothing(tiny_model_dir, monkeypatch):
+    """Prompts with a long common start reuse one prefix KV cache; in fp32 the answers are identical."""
+    import tell.generate as generate
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    head = "Read the following carefully and answer in one line. " * 6
+    texts = prompt_texts(run, [({"role": "user", "content": head + "x " * i + f"item {i}"},) for i in range(6)])
+    cfg = GenerateConfig(greedy=True, batch_size=4)
+    encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert generate.shared_prefix(run.model, encoded, "cpu") is not None  # the path under test is taken
+    with_prefix = generate_texts(run.model, run.tokenizer, texts, cfg, 8, progress=False)
+    monkeypatch.setattr(generate, "shared_prefix", lambda *args, **kwargs: None)
+    without = generate_texts(run.model, run.tokenizer, texts, cfg, 8, progress=False)
+    assert with_prefix == without

@@ -139,18 +139,63 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig) -
     return indices.gather(1, choice).squeeze(1)
 
 
+@dataclass
+class SharedPrefix:
+    """The KV cache of the token prefix that every prompt starts with, computed once per call."""
+
+    length: int
+    cache: object
+    ids: torch.Tensor
+    """(1, length) token ids of the prefix (the repetition penalty counts them, as transformers does)."""
+
+
+def shared_prefix(model, encoded: list[list[int]], device, min_tokens: int = 32) -> SharedPrefix | None:
+    """Return the cache of the prompts' longest common token prefix, or None when it is short.
+
+    Built-in task prompts share long instructions (Halu-CoT-JSON: ~300 of ~600 tokens), so this halves
+    the prefill. At least one token of every prompt stays outside the prefix (its logits start decoding).
+    """
+    first = encoded[0]
+    length = min(len(e) for e in encoded) - 1
+    for e in encoded[1:]:
+        length = min(length, next((i for i, (a, b) in enumerate(zip(first, e)) if a != b), length))
+    if length < min_tokens:
+        return None
+    ids = torch.tensor([first[:length]], device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return SharedPrefix(length, out.past_key_values, ids)
+
+
+def _prefill(model, ids, mask, prefix: SharedPrefix | None):
+    """Return (cache, last-position logits, attention mask over cache + ids) after reading the prompts."""
+    if prefix is None:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1].float(), mask
+    import copy
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(ids.shape[0])
+    # Padding now sits between the shared prefix and each row's own tokens; the mask hides it.
+    positions = prefix.length + (mask.cumsum(-1) - 1).clamp_min(0)
+    full_mask = torch.cat([torch.ones((ids.shape[0], prefix.length), dtype=mask.dtype, device=mask.device), mask], 1)
+    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1].float(), full_mask
+
+
 def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConfig, max_new_tokens: int,
-                 eos_id: int) -> list[list[int]]:
+                 eos_id: int, prefix: "SharedPrefix | None" = None) -> list[list[int]]:
     """Return the new token ids of each left-padded row (EOS included when reached).
+
+    With `prefix`, `ids` hold only what follows the prompts' shared prefix, whose KV cache is reused.
 
     One prefill (logits only at the last position), then one token per step with the KV cache; a row that
     reaches EOS leaves the batch and its cache, so finished rows cost nothing while others go on.
     """
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    cache, logits, mask = _prefill(model, ids, mask, prefix)
     alive = torch.arange(ids.shape[0], device=ids.device)
-    seen, answers = ids, [[] for _ in range(ids.shape[0])]
+    seen = ids if prefix is None else torch.cat([prefix.ids.expand(ids.shape[0], -1), ids], 1)
+    answers = [[] for _ in range(ids.shape[0])]
     for step in range(max_new_tokens):
         chosen = next_tokens(logits, seen, cfg)
         for row, token in zip(alive.tolist(), chosen.tolist()):
@@ -180,6 +225,9 @@ def generate_texts(model, tokenizer, texts: list[str], cfg: GenerateConfig, max_
     outputs = [""] * len(texts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = length_batches([len(e) for e in encoded], cfg.batch_size)
+    prefix = shared_prefix(model, encoded, device) if len(encoded) > 1 else None
+    if prefix is not None:
+        encoded = [e[prefix.length:] for e in encoded]
     bar = tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress, dynamic_ncols=True)
     new_tokens = 0
     for number, batch in enumerate(batches):
@@ -190,7 +238,8 @@ def generate_texts(model, tokenizer, texts: list[str], cfg: GenerateConfig, max_
         for row, i in enumerate(batch):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        answers = decode_batch(model, ids.to(device), mask.to(device), cfg, max_new_tokens, tokenizer.eos_token_id)
+        answers = decode_batch(model, ids.to(device), mask.to(device), cfg, max_new_tokens, tokenizer.eos_token_id,
+                               prefix)
         for row, i in enumerate(batch):
             new_tokens += len(answers[row])
             outputs[i] = tokenizer.decode(answers[row], skip_special_tokens=True)
