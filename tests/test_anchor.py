@@ -70,3 +70,47 @@ def test_anchor_file_is_read_and_checked(tmp_path):
         resolve_anchor_text(AnchorConfig(file=str(blank)))
     with pytest.raises(TellInputError, match="not both"):
         resolve_anchor_text(AnchorConfig(text=ANCHOR, file=str(FIXTURES / "anchor.txt")))
+
+
+def test_anchor_mode_none_drops_any_text():
+    assert resolve_anchor_text(AnchorConfig(text=ANCHOR, mode="none")) == ""
+    with pytest.raises(TellInputError, match="self-instruct anchor has not been written"):
+        resolve_anchor_text(AnchorConfig(mode="self-instruct"))
+
+
+def test_self_instruct_shows_the_rows_and_cleans_the_answer(chat_examples):
+    from tell.anchor import self_instruct_anchor
+    seen = []
+
+    def generate(messages):
+        seen.append(messages)
+        return '  "Instruction: Answer yes or no, then explain."\n\nExtra chatter the anchor must not keep.'
+
+    anchor = self_instruct_anchor(chat_examples[:2], generate, "Rows ({k}):\n{examples}\nWrite the anchor.")
+    assert anchor == "Instruction: Answer yes or no, then explain."[len("Instruction: "):]
+    prompt = seen[0][0]["content"]
+    assert prompt.startswith("Rows (2):") and "Is water wet?" in prompt and chat_examples[1].answer[:20] in prompt
+    with pytest.raises(TellInputError, match="empty self-instruct anchor"):
+        self_instruct_anchor(chat_examples[:1], lambda messages: " \n ")
+
+
+@pytest.mark.filterwarnings("ignore:training takes only", "ignore:warmup")
+def test_self_instruct_anchor_is_written_by_the_tiny_model_saved_and_reused(tiny_model_dir, task_files,
+                                                                           general_file, tmp_path):
+    import json
+
+    import yaml
+    from tell import cli
+    from tell.generate import load_for_generation
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", str(task_files["pair"]), "--general", str(general_file), "--model",
+                     str(tiny_model_dir), "--anchor-mode", "self-instruct", "--anchor.self_instruct_rows", "2",
+                     "--anchor.self_instruct_max_new_tokens", "12", "--ratio", "1", "--batch-size", "2",
+                     "--max-steps", "1", "--out", str(out)]) == 0
+    anchor = (out / "anchor.txt").read_text(encoding="utf-8")
+    assert anchor.strip()
+    saved = yaml.safe_load((out / "config.yaml").read_text())["anchor"]
+    assert saved["mode"] == "self-instruct" and saved["text"] == anchor
+    rows = [json.loads(line) for line in (out / "mix.jsonl").read_text().splitlines()]
+    assert all(anchor in r["messages"][-2]["content"] for r in rows if r["source"] == "task")  # trained with it
+    assert load_for_generation(str(out)).anchor == anchor  # and applied at inference

@@ -1,7 +1,8 @@
 """Test of the stage order: a module may import only earlier stages (read from the source with `ast`).
 
-Order: config → data → anchor → mix → model → train → generate → metrics → tasks → evaluate → report, then
-experiment, compare (an experiment built on experiment.py) and cli. config may import data, because
+Order: config → data → anchor → mix → model → train → generate → metrics → tasks → evaluate → report
+(sweep_report: the report stage for sweeps), then experiment, compare (an experiment built on experiment.py),
+sweep and probe (experiments built on compare) and cli. config may import data, because
 TellInputError lives in data.py. A new module must be given its place in ORDER.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tell
 
 SRC = Path(tell.__file__).parent
 ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "train", "generate", "metrics", "tasks", "evaluate",
-         "report", "experiment", "compare", "cli"]
+         "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
 ALLOWED = {("config", "data")}
 
 

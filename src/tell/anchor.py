@@ -82,13 +82,17 @@ def meta_prompt_text(examples: list[Example], meta_prompt: str = "") -> str:
 
 def clean_anchor(text: str) -> str:
     """Return a generated anchor cut to its first paragraph, without wrapping quotes or a label."""
-    text = text.strip().split("\n\n")[0].strip()
+    text = _unquote(text.strip().split("\n\n")[0].strip())
     for label in ("Instruction:", "instruction:", "Anchor:"):
         if text.startswith(label):
-            text = text[len(label):].strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
-        text = text[1:-1].strip()
+            text = _unquote(text[len(label):].strip())
     return _clip(text, MAX_ANCHOR_CHARS)
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        return text[1:-1].strip()
+    return text
 
 
 def self_instruct_anchor(examples: list[Example], generate: Callable[[tuple[dict, ...]], str],

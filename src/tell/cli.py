@@ -41,6 +41,9 @@ SHORT_FLAGS = {
     "--backend": (("generate.backend",), {"help": "generation backend: transformers (default) or vllm (GPU)"}),
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
     "--out": (("out",), {"help": "output directory"}),
+    "--anchor-mode": (("anchor.mode",), {"help": "manual (default), self-instruct (the model writes it), none"}),
+    "--layer": (("probe.layer",), {"type": int, "help": "hidden-state layer to probe (-1 = the middle one)"}),
+    "--rows": (("probe.rows",), {"type": int, "help": "task and general queries probed (64)"}),
 }
 # flags whose meaning is the task *name* (evaluation verbs), not the task *file* (mix/train)
 EVAL_FLAGS = {
@@ -72,10 +75,15 @@ VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", 
                          "--general", "--order", "--model", "--seed", "--lr", "--batch-size", "--max-new-tokens",
                          "--greedy", "--dtype", "--device", "--count-tokenizer", "--max-length", "--on-long", "--out"]
 
+for _verb in ("mix", "train", "compare"):
+    VERB_FLAGS[_verb].append("--anchor-mode")
+VERB_FLAGS["probe"] = ["--task", "--test", "--metric", "--anchor", "--anchor-file", "--anchor-placement",
+                       "--anchor-mode", "--general", "--model", "--dtype", "--device", "--layer", "--rows", "--out"]
+
 
 def _flag_table(verb: str) -> dict:
     table = dict(SHORT_FLAGS)
-    if verb in ("eval", "score", "compare", "export"):
+    if verb in ("eval", "score", "compare", "export", "probe"):
         table.update(EVAL_FLAGS)
     return table
 
@@ -115,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", help="run directory (base + adapter + its anchor); else --model alone")
     ev.add_argument("--no-anchor", action="store_true", help="do not apply the run's anchor")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ev.add_argument("--harness", metavar="TASKS", help="run lm-evaluation-harness TASKS (comma list) on the base "
+                    "model and base + the run's adapter (needs lm-eval and a reachable hub)")
     _add_common(ev, "eval")
     score = verbs.add_parser("score", help="recompute metrics from a generations.jsonl (no model)")
     score.add_argument("--generations", required=True, help="generations.jsonl (needs output and reference)")
@@ -128,7 +138,49 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-cache", action="store_true", help="recompute every arm")
     compare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     _add_common(compare, "compare")
+    _add_sweep_verbs(verbs)
     return parser
+
+
+def _add_sweep_verbs(verbs) -> None:
+    sweep = verbs.add_parser("sweep", help="run a grid of compare cells once each (results in SQLite, resumable)")
+    sweep.add_argument("--config", help="sweep YAML: base settings plus a grid: of axis -> values")
+    sweep.add_argument("--status", action="store_true", help="show done / running / left and the time left")
+    sweep.add_argument("--out", help="sweep directory (default: the YAML's out, else runs/sweep)")
+    sweep.add_argument("--max-cells", type=int, help="run at most N cells now (the next call goes on)")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+    report = verbs.add_parser("report", help="render report.md + report.html (tables and plots) of a sweep "
+                              "or compare directory")
+    report.add_argument("dir", help="a sweep directory (sweep.sqlite) or a compare directory (results.json)")
+    report.add_argument("--debug", action="store_true", help="show tracebacks")
+    probe = verbs.add_parser("probe", help="t-SNE + separation numbers of task queries with/without the anchor "
+                             "vs general queries, from hidden states")
+    probe.add_argument("--run", help="run directory (base + adapter + its anchor); else --model with --anchor")
+    probe.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _add_common(probe, "probe")
+
+
+def _dispatch_sweep(args, extra) -> int:
+    """Run the sweep and report verbs (their YAML has a grid, so it is not read as one RunConfig)."""
+    from tell import sweep
+    from tell.sweep_report import status_text
+    if args.verb == "report":
+        path = sweep.render_report(args.dir)
+        print(f"[tell] {path} and {path.with_suffix('.html')} written (plots beside them)")
+        return 0
+    overrides = dotted_overrides(extra)
+    overrides.update({"out": args.out} if args.out else {})
+    overrides.update({"sweep.max_cells": args.max_cells} if args.max_cells is not None else {})
+    if args.status:
+        out = sweep.plan_sweep(args.config, overrides)[1] if args.config else (args.out or "runs/sweep")
+        print(status_text(sweep.sweep_status(out)))
+        return 0
+    if not args.config:
+        raise TellInputError("tell sweep needs --config FILE.yaml (base settings and a grid:), or --status")
+    status = sweep.run_sweep(args.config, overrides)
+    print(status_text(status))
+    print(f"[tell] results in {status['out']}/sweep.sqlite; report in {status['out']}/report.md")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
@@ -180,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args, extra) -> int:
     from tell import experiment
+    if args.verb in ("sweep", "report"):
+        return _dispatch_sweep(args, extra)
     cfg = config_from_args(args, extra)
     if getattr(args, "print_config", False):
         import yaml
@@ -201,6 +255,13 @@ def _dispatch(args, extra) -> int:
             import json
             for row in rows:
                 print(json.dumps({"output": row["output"]}, ensure_ascii=False))
+    elif args.verb == "eval" and args.harness:
+        print(f"[tell] lm-eval results written to {experiment.run_harness(cfg, args.run, args.harness)}")
+    elif args.verb == "probe":
+        from tell.probe import run_probe
+        numbers = run_probe(cfg, args.run, args.overwrite)
+        print(_metrics_text({k: numbers[k] for k in ("layer", "without_anchor", "with_anchor")}))
+        print(f"[tell] probe.png and probe.json written to {cfg.out or 'runs/probe'}")
     elif args.verb == "eval":
         out, metrics = experiment.run_eval(cfg, args.run, args.overwrite, not args.no_anchor)
         print(_metrics_text(metrics))

@@ -2,10 +2,12 @@
 
 In: per-arm metrics (as written to results.json) and a summary. Out: ``report.md`` with the table,
 the wall time per stage and a reading of the result, and ``compare.png``: one bar group per headline
-metric with 95% bootstrap intervals.
+metric with 95% bootstrap intervals. ``markdown_html`` turns the Markdown these reports write into one page.
 """
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 HEADLINE_KEYS = ("json_adherence_strict", "json_adherence_lenient", "label_accuracy", "label_f1",
@@ -36,6 +38,20 @@ def compare_table(results: dict) -> str:
         cells = [arm] + [_cell(m, k) for k in keys] + [str(m.get("optimizer_steps", 0)), f"{m.get('task_tokens', 0):,}",
                                                       f"{m.get('general_tokens', 0):,}", f"{m.get('trained_tokens', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + _retention_lines(results)
+
+
+def _retention_lines(results: dict) -> str:
+    """Return the held-out general loss per arm (what each fine-tune cost), or nothing if none was measured."""
+    arms = {arm: m for arm, m in results.items() if "general_loss" in m}
+    if not arms:
+        return ""
+    base = arms.get("base", {}).get("general_loss")
+    lines = ["", "", "Held-out general rows (loss on answer tokens, lower is better):", "",
+             "| arm | general loss | perplexity | change vs base |", "|---|---|---|---|"]
+    for arm, m in arms.items():
+        change = f"{m['general_loss'] - base:+.4f}" if base is not None else "–"
+        lines.append(f"| {arm} | {m['general_loss']:.4f} | {m['general_ppl']:.3f} | {change} |")
     return "\n".join(lines)
 
 
@@ -126,3 +142,50 @@ on these test rows; overlapping intervals mean this run cannot tell the arms apa
 Total: {summary['wall_s']} s (cached arms count as ~0).
 """
     (out_dir / "report.md").write_text(text, encoding="utf-8")
+
+
+def rerender_compare_report(out_dir: str | Path) -> Path:
+    """Return report.md of a `tell compare` directory after writing it, compare.png and report.html again
+    from its results.json."""
+    import json
+    out_dir = Path(out_dir)
+    results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    summary = results.pop("_summary")
+    write_compare_report(results, summary, out_dir)
+    text = (out_dir / "report.md").read_text(encoding="utf-8")
+    (out_dir / "report.html").write_text(markdown_html(text, f"tell compare — {summary['task']}"), encoding="utf-8")
+    return out_dir / "report.md"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_html(text: str, title: str) -> str:
+    """Return a standalone HTML page of the Markdown this module writes (headings, tables, images, lists)."""
+    body, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if match := re.match(r"(#+) (.*)", line):
+            level = len(match.group(1))
+            body.append(f"<h{level}>{_inline(match.group(2))}</h{level}>")
+        elif match := re.match(r"!\[(.*)\]\((.*)\)", line):
+            body.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}"></p>')
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -19,6 +19,7 @@ import sqlite3
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,29 +180,33 @@ def open_store(path: str | Path) -> sqlite3.Connection:
 def register(conn: sqlite3.Connection, cells: list[Cell], settings: dict | None = None) -> None:
     """Add new cells as pending (known cells keep their state), make `cells` the sweep's plan and keep the
     sweep settings (metric, resamples) for the report."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
         conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
                          [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
         conn.execute("DELETE FROM plan")
         conn.executemany("INSERT INTO plan (key, position) VALUES (?, ?)", [(c.key, i) for i, c in enumerate(cells)])
-        conn.execute("COMMIT")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection):
+    """Hold the database's write lock for the block (BEGIN IMMEDIATE), so two sweeps never claim one cell."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    conn.execute("COMMIT")
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
     try:
-        os.kill(pid, 0)
+        return bool(pid) and os.kill(pid, 0) is None
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    except PermissionError:  # exists, owned by another user
+        return True
 
 
 def recover_stale(conn: sqlite3.Connection) -> int:
@@ -217,11 +222,10 @@ def recover_stale(conn: sqlite3.Connection) -> int:
 
 def claim(conn: sqlite3.Connection, key: str) -> bool:
     """Mark a pending or failed cell as running by this process; return False if another took it first."""
-    conn.execute("BEGIN IMMEDIATE")
-    cursor = conn.execute("UPDATE cells SET status = 'running', pid = ?, host = ?, started = ?, error = NULL, "
-                          "attempts = attempts + 1 WHERE key = ? AND status IN ('pending', 'failed')",
-                          (os.getpid(), socket.gethostname(), time.time(), key))
-    conn.execute("COMMIT")
+    with _transaction(conn):
+        cursor = conn.execute("UPDATE cells SET status = 'running', pid = ?, host = ?, started = ?, error = NULL, "
+                              "attempts = attempts + 1 WHERE key = ? AND status IN ('pending', 'failed')",
+                              (os.getpid(), socket.gethostname(), time.time(), key))
     return cursor.rowcount == 1
 
 
@@ -281,11 +285,10 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
             print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
             continue
         finish(conn, row["key"], _stored_result(result, out / "cells" / row["key"]), time.perf_counter() - start)
-    status = sweep_status(out)
     conn.close()
     if write_report:
         write_sweep_report(out)
-    return status
+    return {**sweep_status(out), "out": str(out)}
 
 
 def _stored_result(result: dict, cell_dir: Path) -> dict:
@@ -362,19 +365,6 @@ def estimate_cell_s(cfg: RunConfig, rates: dict) -> float:
     return rates["overhead_s"] + trained / rates["train_tok_s"] + test_rows * rates["eval_s_per_row"] * budget
 
 
-def status_text(status: dict) -> str:
-    """Return the status as a few lines of text (what `tell sweep --status` prints)."""
-    hours, rest = divmod(status["estimate_left_s"], 3600)
-    lines = [f"cells: {status['cells']}  done: {status['done']}  running: {status['running']}  "
-             f"left: {status['left']} (failed: {status['failed']})",
-             f"estimated time left: {hours} h {rest // 60:02d} min (training {status['rates']['train_tok_s']:g} "
-             f"tok/s, {status['rates']['eval_s_per_row']:g} s per test row at 192 new tokens)"]
-    lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s)"
-              for c in status["running_cells"]]
-    lines += [f"failed: {c['key']} {c['label']}: {c['error']}" for c in status["failed_cells"]]
-    return "\n".join(lines)
-
-
 # --- report ----------------------------------------------------------------------------------------
 
 def result_rows(out: str | Path) -> list[dict]:
@@ -408,3 +398,14 @@ def write_sweep_report(out: str | Path) -> Path:
     settings = {**config_dict(RunConfig().sweep), **(json.loads(stored["value"]) if stored else {})}
     return render_sweep_report(result_rows(out), sweep_status(out), Path(out), settings["metric"],
                                settings["resamples"])
+
+
+def render_report(directory: str | Path) -> Path:
+    """Return report.md of a sweep (sweep.sqlite) or a compare run (results.json), rendered with its HTML."""
+    from tell.report import rerender_compare_report
+    directory = Path(directory)
+    if db_path(directory).is_file():
+        return write_sweep_report(directory)
+    if (directory / "results.json").is_file():
+        return rerender_compare_report(directory)
+    raise TellInputError("not a sweep directory (sweep.sqlite) nor a compare directory (results.json)", directory)

@@ -7,14 +7,14 @@ tokens) and ``report.md`` + ``report.html``. Pure functions of the records, apar
 """
 from __future__ import annotations
 
-import html
 import math
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tell.report import markdown_html
 
 SETTINGS = ("ratio", "anchor", "placement", "order", "lr")
 # The settings that can change each method's result (the sweep resets the others to defaults).
@@ -173,13 +173,13 @@ def efficiency_table(rows: list[dict]) -> str:
     for e in rows:
         if e["multiplier"] is None:
             best_y = e["sft_best"][1]
-            multiplier = f"not reached (SFT's best: {best_y:.3g} at {e['sft_best'][0]:.3g} tokens)"
+            multiplier = f"not reached (SFT's best: {best_y:.3g} at {e['sft_best'][0]:,.0f} tokens)"
             sft_tokens = "–"
         else:
             multiplier = ("≤ " if e["at_most"] else "") + _times(e["multiplier"])
-            sft_tokens = ("≤ " if e["at_most"] else "") + f"{e['sft_tokens']:.3g}"
+            sft_tokens = ("≤ " if e["at_most"] else "") + f"{e['sft_tokens']:,.0f}"
         ci = f" [{_times(e['ci95'][0])}, {_times(e['ci95'][1])}]"
-        lines.append(f"| {e['label']} ({e['size']}) | {e['task_tokens']:.3g} | {e['general_tokens']:.3g} | "
+        lines.append(f"| {e['label']} ({e['size']}) | {e['task_tokens']:,.0f} | {e['general_tokens']:,.0f} | "
                      f"{e['score']:.3f} | {sft_tokens} | {multiplier}{ci} |")
     return "\n".join(lines)
 
@@ -348,7 +348,20 @@ def retention_table(records: list[dict]) -> str:
 def points_table(curves: dict[str, list[Point]], x_name: str) -> str:
     lines = [f"| curve | {x_name} | score [95%] | seeds |", "|---|---|---|---|"]
     for label, points in sorted(curves.items()):
-        lines += [f"| {label} | {p.x:.3g} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} |" for p in points]
+        lines += [f"| {label} | {p.x:,.0f} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} |" for p in points]
+    return "\n".join(lines)
+
+
+def status_text(status: dict) -> str:
+    """Return the status as a few lines of text (what `tell sweep --status` prints)."""
+    hours, rest = divmod(status["estimate_left_s"], 3600)
+    lines = [f"cells: {status['cells']}  done: {status['done']}  running: {status['running']}  "
+             f"left: {status['left']} (failed: {status['failed']})",
+             f"estimated time left: {hours} h {rest // 60:02d} min (training {status['rates']['train_tok_s']:g} "
+             f"tok/s, {status['rates']['eval_s_per_row']:g} s per test row at 192 new tokens)"]
+    lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s)"
+              for c in status["running_cells"]]
+    lines += [f"failed: {c['key']} {c['label']}: {c['error']}" for c in status["failed_cells"]]
     return "\n".join(lines)
 
 
@@ -391,37 +404,3 @@ def render_sweep_report(records: list[dict], status: dict, out_dir: Path, metric
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     (out_dir / "report.html").write_text(markdown_html(text, f"tell sweep — {task}"), encoding="utf-8")
     return out_dir / "report.md"
-
-
-def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
-
-
-def markdown_html(text: str, title: str) -> str:
-    """Return a standalone HTML page of the Markdown this module writes (headings, tables, images, lists)."""
-    body, table = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                tag = "th" if not table else "td"
-                table.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if table:
-            body.append("<table>" + "".join(table) + "</table>")
-            table = []
-        if match := re.match(r"(#+) (.*)", line):
-            level = len(match.group(1))
-            body.append(f"<h{level}>{_inline(match.group(2))}</h{level}>")
-        elif match := re.match(r"!\[(.*)\]\((.*)\)", line):
-            body.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}"></p>')
-        elif line.startswith("- "):
-            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}img{max-width:100%}")
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
