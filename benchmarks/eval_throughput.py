@@ -1,0 +1,133 @@
+"""Benchmark: `tell eval` vs a per-example generate loop on the same Halu-CoT-JSON prompts (greedy).
+
+- ``loop``: what the paper's eval scripts do — one prompt at a time, fp32, ``model.generate`` with its KV
+  cache, stop at EOS.
+- ``tell``: ``tell.evaluate.evaluate`` as ``tell eval --greedy`` runs it (dtype auto: bf16 where the CPU has
+  it, length-grouped batches).
+- ``tell_fp32``: the same batched path in fp32, so that "identical outputs" compares batching alone
+  (bf16 itself flips greedy near-ties; that is reported separately).
+
+Each part runs in its own subprocess (its own peak RSS) and saves its outputs under ``--out``; a part
+already saved there is reused, so a long run can be split: ``--parts loop`` then ``--parts tell,tell_fp32``.
+Prints one JSON object once every part is there.
+
+    python benchmarks/eval_throughput.py --quick    # 16 prompts
+    python benchmarks/eval_throughput.py            # 64 prompts (the per-example loop alone takes ~12 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PARTS = ("loop", "tell", "tell_fp32")
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def test_rows(n: int):
+    from tell.tasks import TASKS
+    task = TASKS["halu-cot-json"]()
+    return task, task.test_rows(n, 0)
+
+
+def worker(part: str, n: int, max_new_tokens: int) -> dict:
+    import torch
+    from tell.config import GenerateConfig, ModelConfig
+    from tell.evaluate import evaluate
+    from tell.generate import load_for_generation, prompt_texts
+    task, rows = test_rows(n)
+    cfg = GenerateConfig(greedy=True, max_new_tokens=max_new_tokens)
+    if part == "loop":
+        run = load_for_generation(None, ModelConfig(device="cpu", dtype="fp32"))
+        model, tokenizer = run.model, run.tokenizer
+        texts = prompt_texts(run, [r.messages for r in rows])
+        outputs, start = [], time.perf_counter()
+        with torch.inference_mode():
+            for text in texts:  # as the paper's scripts: one example per generate call
+                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+                out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                     repetition_penalty=cfg.repetition_penalty,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        wall = time.perf_counter() - start
+        metrics = task.score(outputs, [r.reference for r in rows])
+        new_tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    else:
+        run = load_for_generation(None, ModelConfig(device="cpu", dtype="fp32" if part == "tell_fp32" else "auto"))
+        result = evaluate(run, task, rows, cfg, progress=False)
+        outputs = [r["output"] for r in result.rows]
+        metrics, wall, new_tokens = result.metrics, result.metrics["generate_wall_s"], result.metrics["new_tokens"]
+    headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"part": part, "prompts": len(rows), "dtype": str(next(run.model.parameters()).dtype),
+            "wall_s": round(wall, 2), "new_tokens": new_tokens, "new_tokens_per_s": round(new_tokens / wall, 2),
+            "peak_rss_gib": peak_rss_gib(), "metrics": headline, "outputs": outputs}
+
+
+def match(a: list[str], b: list[str]) -> float:
+    return round(sum(x == y for x, y in zip(a, b)) / len(a), 3)
+
+
+def metric_gap(a: dict, b: dict) -> float:
+    """Return the largest difference, in points (0-100), between two runs' shared headline metrics."""
+    keys = [k for k in a if k in b and 0 <= a[k] <= 1 and 0 <= b[k] <= 1 and k not in ("prompts",)]
+    return round(max((abs(a[k] - b[k]) * 100 for k in keys), default=0.0), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 prompts")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="the task's budget")
+    parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run now (others are read from --out)")
+    parser.add_argument("--out", default="runs/bench-eval", help="folder for each part's saved results")
+    parser.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts = 16
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.prompts, args.max_new_tokens)))
+        return
+    out = Path(args.out) / f"p{args.prompts}-t{args.max_new_tokens}"
+    out.mkdir(parents=True, exist_ok=True)
+    for part in [p for p in args.parts.split(",") if p]:
+        proc = subprocess.run([sys.executable, __file__, "--worker", part, "--prompts", str(args.prompts),
+                               "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"part {part} failed:\n{proc.stderr[-3000:]}")
+        (out / f"{part}.json").write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+    missing = [p for p in PARTS if not (out / f"{p}.json").is_file()]
+    if missing:
+        print(json.dumps({"benchmark": "eval_throughput", "waiting_for_parts": missing, "out": str(out)}))
+        return
+    loop, tell, tell32 = (json.loads((out / f"{p}.json").read_text()) for p in PARTS)
+    summary = {
+        "benchmark": "eval_throughput", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+        "tell_new_tokens_per_s": tell["new_tokens_per_s"], "loop_new_tokens_per_s": loop["new_tokens_per_s"],
+        "speedup": round(tell["new_tokens_per_s"] / loop["new_tokens_per_s"], 2),
+        "speedup_wall": round(loop["wall_s"] / tell["wall_s"], 2),
+        "tell_wall_s": tell["wall_s"], "loop_wall_s": loop["wall_s"],
+        # batching alone (same fp32 numerics as the loop):
+        "outputs_match_fraction": match(tell32["outputs"], loop["outputs"]),
+        "metrics_gap_points": metric_gap(tell32["metrics"], loop["metrics"]),
+        "tell_fp32_new_tokens_per_s": tell32["new_tokens_per_s"],
+        "tell_fp32_speedup": round(tell32["new_tokens_per_s"] / loop["new_tokens_per_s"], 2),
+        # the default bf16 path vs the fp32 loop (bf16 changes greedy near-ties):
+        "bf16_outputs_match_fraction": match(tell["outputs"], loop["outputs"]),
+        "bf16_metrics_gap_points": metric_gap(tell["metrics"], loop["metrics"]),
+        "peak_rss_gib": tell["peak_rss_gib"], "loop_peak_rss_gib": loop["peak_rss_gib"],
+        "tell_fp32_peak_rss_gib": tell32["peak_rss_gib"],
+        "metrics": {p: r["metrics"] for p, r in zip(PARTS, (loop, tell, tell32))},
+        "new_tokens": {p: r["new_tokens"] for p, r in zip(PARTS, (loop, tell, tell32))},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Benchmark: LoRA training throughput of `tell train` vs TRL's SFTTrainer on the same rows.
+
+Same model (the embedded SmolLM2-135M-Instruct), same rows (a TELL mix: anchored Halu-CoT-JSON task rows
+shuffled into Alpaca demo rows at a token ratio), same LoRA config (r 8, alpha 32, dropout 0.05 on
+q_proj, v_proj) and the same 16 rows per optimizer step. Each configuration runs in its own subprocess so
+that its peak RSS is its own:
+
+- ``trl_default``: TRL ``SFTTrainer`` as it comes (fp32, gradient checkpointing on, padded batches,
+  completion-only loss on prompt/completion rows).
+- ``trl_fast``: the fastest CPU configuration found for TRL: bf16, padding-free, no gradient checkpointing.
+- ``tell``: ``tell.train.train_lora`` as ``tell train`` runs it.
+
+It also measures the bf16 matmul GFLOP/s of this machine (the "limit") and reports tell's achieved
+fraction of it: (tell's FLOPs per trained token × tokens/s) ÷ limit. Prints one JSON object.
+
+    python benchmarks/train_throughput.py --quick      # < 5 min on the 2-core CPU
+    python benchmarks/train_throughput.py              # 15 task rows, ratio 3
+
+TRL is not a dependency of tell: ``pip install trl`` (keeping the installed torch) to run this.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+ANCHOR = "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict."
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is in KiB
+
+
+def build_mix(task_rows: int, ratio: str, tokenizer):
+    """Return the TELL mix the benchmark trains on: anchored Halu-CoT-JSON rows + Alpaca demo rows."""
+    from tell.anchor import anchored_examples
+    from tell.config import MixConfig
+    from tell.data import load_examples
+    from tell.mix import build_mix as _build
+    from tell.tasks import TASKS
+    task = anchored_examples(TASKS["halu-cot-json"]().train_examples(task_rows, 42), ANCHOR, "user-prefix")
+    general = load_examples("alpaca", "general")
+    return _build(task, general, MixConfig(ratio=ratio), tokenizer, 8192)
+
+
+def matmul_gflops(seconds: float = 2.0) -> dict:
+    """Return the best bf16 (and fp32) matmul GFLOP/s over a few shapes, and the model-shape rate."""
+    import torch
+    def rate(m, k, n, dtype):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 4:
+            a @ b
+            reps += 1
+        return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+    bf16 = {f"{m}x{k}x{n}": round(rate(m, k, n, torch.bfloat16), 1)
+            for m, k, n in ((2048, 2048, 2048), (4096, 4096, 4096), (1024, 576, 1536), (1024, 1536, 576))}
+    return {"bf16_peak_gflops": max(bf16.values()), "bf16_by_shape": bf16,
+            "fp32_peak_gflops": round(rate(2048, 2048, 2048, torch.float32), 1)}
+
+
+def _lora_config():
+    from peft import LoraConfig
+    from tell.config import TrainConfig
+    cfg = TrainConfig()
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules.split(","), task_type="CAUSAL_LM")
+
+
+def worker_trl(args) -> dict:
+    """Train with TRL's SFTTrainer on the mix (prompt/completion rows: completion-only loss)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return {"error": "trl is not installed: pip install trl torch==<the installed version>"}
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from tell.config import ModelConfig
+    from tell.model import load_model
+    torch.manual_seed(42)
+    model, tokenizer = load_model(ModelConfig(device="cpu"))
+    mix = build_mix(args.task_rows, args.ratio, tokenizer)
+    rows = [{"prompt": list(r.example.prompt_messages), "completion": [r.example.messages[-1]]} for r in mix.rows]
+    steps = args.max_steps or -(-len(rows) // 16)
+    rows = rows[:steps * 16]
+    fast = args.worker == "trl_fast"
+    micro = 4 if fast else 8  # rows per forward × accumulation = 16 rows per optimizer step
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro,
+                       gradient_accumulation_steps=16 // micro, num_train_epochs=1, learning_rate=1e-4,
+                       weight_decay=0.01, warmup_steps=0.03, lr_scheduler_type="linear", seed=42,
+                       logging_steps=1, save_strategy="no", report_to=[], max_length=None if fast else 8192,
+                       use_cpu=True, dataloader_num_workers=0,
+                       **({"bf16": True, "padding_free": True, "gradient_checkpointing": False} if fast else {}))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=_lora_config())
+    counts = {"real": 0, "padded": 0}
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        counts["padded"] += batch["input_ids"].numel()
+        counts["real"] += sum(len(f["input_ids"]) for f in features)
+        return batch
+    trainer.data_collator = counting
+    trainer.train_dataset  # tokenised in the constructor, outside the timing
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    return {"steps": steps, "rows": len(rows), "real_tokens": counts["real"], "padded_tokens": counts["padded"],
+            "wall_s": round(wall, 2), "tokens_per_s": round(counts["real"] / wall, 1),
+            "padded_tokens_per_s": round(counts["padded"] / wall, 1), "peak_rss_gib": peak_rss_gib(),
+            "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None}
+
+
+def worker_tell(args) -> dict:
+    """Train with tell.train.train_lora exactly as `tell train` does (dtype auto)."""
+    import torch
+    from tell.config import ModelConfig, TrainConfig
+    from tell.model import autocast_dtype, load_model, pick_device
+    from tell.train import can_pack, train_lora
+    cfg_model = ModelConfig(device="cpu")
+    model, tokenizer = load_model(cfg_model)
+    mix = build_mix(args.task_rows, args.ratio, tokenizer)
+    cfg = TrainConfig(max_steps=args.max_steps, micro_batch_tokens=args.micro_batch_tokens)
+    out = tempfile.mkdtemp()
+    packed = can_pack(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, result = train_lora(model, tokenizer, mix, cfg, out, autocast_dtype(cfg_model, pick_device(cfg_model)))
+    return {"steps": result.optimizer_steps, "rows": min(len(mix.rows), result.optimizer_steps * cfg.batch_size),
+            "real_tokens": result.trained_tokens, "packed": packed,
+            "padded_tokens": result.trained_tokens,  # packed rows: no padding is computed
+            "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+            "padded_tokens_per_s": result.tokens_per_s, "train_flops": result.train_flops,
+            "flops_per_s": result.train_flops / result.wall_s, "peak_rss_gib": peak_rss_gib(),
+            "final_loss": result.final_loss, "torch_threads": torch.get_num_threads()}
+
+
+def run_worker(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--task-rows", str(args.task_rows), "--ratio", args.ratio,
+           "--micro-batch-tokens", str(args.micro_batch_tokens),
+           "--max-steps", str(args.default_steps if name == "trl_default" else args.max_steps)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 task rows, ratio 3, TRL default on its first step")
+    parser.add_argument("--task-rows", type=int, default=15)
+    parser.add_argument("--ratio", default="3")
+    parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps of tell and fast TRL (0 = all)")
+    parser.add_argument("--default-steps", type=int, default=4,
+                        help="optimizer steps of the slow TRL default (the first steps of the same mix)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=512)
+    parser.add_argument("--worker", choices=["tell", "trl_fast", "trl_default"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.task_rows, args.ratio, args.default_steps = 4, "3", 1
+    if args.worker:
+        work = worker_tell if args.worker == "tell" else worker_trl
+        print(json.dumps(work(args)))
+        return
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed; this benchmark compares against TRL's SFTTrainer. Install it into the same "
+              "environment without changing torch, e.g.: pip install trl torch==$(python -c 'import torch; "
+              "print(torch.__version__.split(\"+\")[0])')", file=sys.stderr)
+        sys.exit(2)
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    limit = matmul_gflops()
+    results = {name: run_worker(name, args) for name in ("tell", "trl_fast", "trl_default")}
+    tell, fast, default = results["tell"], results["trl_fast"], results["trl_default"]
+    summary = {
+        "benchmark": "train_throughput", "quick": args.quick, "task_rows": args.task_rows, "ratio": args.ratio,
+        "tell_tokens_per_s": tell.get("tokens_per_s"), "trl_tokens_per_s": fast.get("tokens_per_s"),
+        "trl_default_tokens_per_s": default.get("tokens_per_s"),
+        "speedup_vs_trl": round(tell["tokens_per_s"] / fast["tokens_per_s"], 2) if "error" not in tell | fast else None,
+        "speedup_vs_trl_default": round(tell["tokens_per_s"] / default["tokens_per_s"], 2)
+        if "error" not in tell | default else None,
+        "tell_padded_tokens_per_s": tell.get("padded_tokens_per_s"),
+        "trl_padded_tokens_per_s": fast.get("padded_tokens_per_s"),
+        "trl_default_padded_tokens_per_s": default.get("padded_tokens_per_s"),
+        "bf16_matmul_gflops": limit["bf16_peak_gflops"],
+        "fraction_of_limit": round(tell["flops_per_s"] / 1e9 / limit["bf16_peak_gflops"], 3)
+        if "flops_per_s" in tell else None,
+        "peak_rss_gib": tell.get("peak_rss_gib"), "trl_peak_rss_gib": fast.get("peak_rss_gib"),
+        "trl_default_peak_rss_gib": default.get("peak_rss_gib"),
+        "matmul": limit, "runs": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

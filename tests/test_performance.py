@@ -1,0 +1,141 @@
+"""Correctness of tell's fast training path on the tiny model: the loss of a fixed batch computed the way
+`_train_step` computes it (packed padding-free micro-batches, per-row causal attention, LM head only at
+labelled positions, bf16 frozen weights) equals plain PEFT's ``model(input_ids, attention_mask,
+labels=...).loss`` — exactly in fp32, within bf16 tolerance in bf16 — and so do the LoRA gradients.
+Timings live in benchmarks/, not here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tell.config import MixConfig, TrainConfig
+from tell.data import load_examples
+from tell.mix import build_mix
+from tell.train import (SparseDropout, add_lora, can_pack, collate, collate_packed, micro_batches,
+                        packed_micro_batches, token_losses, training_rows)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def rows(tiny_tokenizer):
+    examples = load_examples(FIXTURES / "chat.jsonl", "task") + load_examples(FIXTURES / "general.jsonl", "general")
+    mix = build_mix(examples, [], MixConfig(mode="sft"), tiny_tokenizer, 512)
+    return training_rows(tiny_tokenizer, mix, 512)[:12]
+
+
+def lora_model(model, dtype=None):
+    """Return the model with LoRA whose B matrices are non-zero (so the adapter changes the loss)."""
+    if dtype is not None:
+        model = model.to(dtype)
+    model = add_lora(model, TrainConfig())
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def tell_loss(model, rows, autocast=None, max_tokens=10**6):
+    """Return the mean labelled-token loss as _train_step computes it (packed micro-batches)."""
+    total, count = 0.0, 0
+    for group in packed_micro_batches(rows, max_tokens):
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            losses, _ = token_losses(model, collate_packed(group, torch.device("cpu")))
+        total, count = total + losses.sum(), count + losses.numel()
+    return total / count
+
+
+def plain_peft_loss(model, rows, pad_id):
+    batch = collate(rows, pad_id, torch.device("cpu"))
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_tiny_model_takes_the_packed_path(tiny_model):
+    assert can_pack(add_lora(tiny_model, TrainConfig()))
+
+
+@pytest.mark.parametrize("max_tokens", [10**6, 60])  # one packed row, and several micro-batches
+@pytest.mark.parametrize("short_row", [512, 0])  # matmul attention for short rows, SDPA's flash kernel
+def test_packed_loss_and_grads_equal_plain_peft_in_fp32(tiny_model, tiny_tokenizer, rows, max_tokens, short_row,
+                                                        monkeypatch):
+    import tell.train
+    monkeypatch.setattr(tell.train, "SHORT_ROW", short_row)
+    model = lora_model(tiny_model)
+    reference = plain_peft_loss(model, rows, tiny_tokenizer.pad_token_id)
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    got = tell_loss(model, rows, max_tokens=max_tokens)
+    got.backward()
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_loss_equals_plain_peft_loss_within_bf16_tolerance(tiny_model, tiny_model_dir, tiny_tokenizer, rows):
+    from tell.config import ModelConfig
+    from tell.model import load_model
+    reference_model = lora_model(load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))[0])
+    with torch.no_grad():
+        reference = plain_peft_loss(reference_model, rows, tiny_tokenizer.pad_token_id)
+        model = lora_model(tiny_model, torch.bfloat16)  # frozen base in bf16, LoRA in fp32, as train_lora does
+        got = tell_loss(model, rows, autocast=torch.bfloat16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, rtol=2e-2, atol=0)
+
+
+def test_packed_micro_batches_cover_the_batch_within_the_token_limit(rows):
+    for max_tokens in (1, 50, 200, 10**6):
+        groups = packed_micro_batches(rows, max_tokens)
+        assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)
+        for group in groups:
+            assert sum(len(r.input_ids) for r in group) <= max_tokens or len(group) == 1
+    assert len(packed_micro_batches(rows, 10**6)) == 1
+    assert len(micro_batches(rows, 10**6)) == 1
+
+
+def test_packed_rows_never_attend_across_rows(tiny_model, rows):
+    """A row's loss is the same packed after another row as packed alone."""
+    model = lora_model(tiny_model)
+    with torch.no_grad():
+        alone, _ = token_losses(model, collate_packed(rows[1:2], torch.device("cpu")))
+        packed, row_of = token_losses(model, collate_packed(rows[:2], torch.device("cpu")))
+    torch.testing.assert_close(packed[row_of == 1], alone, rtol=0, atol=1e-5)
+
+
+def test_sparse_dropout_has_nn_dropouts_distribution():
+    torch.manual_seed(0)
+    layer, x = SparseDropout(0.05), torch.ones(400_000)
+    out = layer.train()(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002  # 6 standard deviations of a Bernoulli(0.05) mean over 4e5 draws
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / 0.95))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_add_lora_uses_sparse_dropout(tiny_model):
+    model = add_lora(tiny_model, TrainConfig())
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "SparseDropout" in kinds and "Dropout" not in kinds
+
+
+def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradient(monkeypatch):
+    from tell.train import _HeadCrossEntropy
+    monkeypatch.setattr(_HeadCrossEntropy, "CHUNK", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight, targets, scale = torch.randn(50, 16), torch.randint(50, (30,)), torch.rand(30)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    (expected * scale).sum().backward()
+    expected_grad, hidden.grad = hidden.grad, None
+    got = _HeadCrossEntropy.apply(hidden, weight, targets)
+    (got * scale).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-5, atol=1e-6)
