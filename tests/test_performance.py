@@ -13,8 +13,9 @@ import torch
 from tell.config import MixConfig, TrainConfig
 from tell.data import load_examples
 from tell.mix import build_mix
-from tell.train import (SparseDropout, add_lora, can_pack, collate, collate_packed, micro_batches,
-                        packed_micro_batches, token_losses, training_rows)
+from tell.packing import (SparseDropout, can_pack, collate, collate_packed, micro_batches, packed_micro_batches,
+                          token_losses)
+from tell.train import add_lora, training_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -65,8 +66,8 @@ def test_the_tiny_model_takes_the_packed_path(tiny_model):
 @pytest.mark.parametrize("short_row", [512, 0])  # matmul attention for short rows, SDPA's flash kernel
 def test_packed_loss_and_grads_equal_plain_peft_in_fp32(tiny_model, tiny_tokenizer, rows, max_tokens, short_row,
                                                         monkeypatch):
-    import tell.train
-    monkeypatch.setattr(tell.train, "SHORT_ROW", short_row)
+    import tell.packing
+    monkeypatch.setattr(tell.packing, "SHORT_ROW", short_row)
     model = lora_model(tiny_model)
     reference = plain_peft_loss(model, rows, tiny_tokenizer.pad_token_id)
     reference.backward()
@@ -127,7 +128,7 @@ def test_add_lora_uses_sparse_dropout(tiny_model):
 
 
 def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradient(monkeypatch):
-    from tell.train import _HeadCrossEntropy
+    from tell.packing import _HeadCrossEntropy
     monkeypatch.setattr(_HeadCrossEntropy, "CHUNK", 7)  # several chunks and a ragged last one
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)

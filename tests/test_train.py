@@ -13,8 +13,8 @@ from tell.config import MixConfig, ModelConfig, TrainConfig
 from tell.data import Example, load_examples
 from tell.mix import build_mix
 from tell.model import load_model
-from tell.train import (_Row, add_lora, collate, epoch_batches, micro_batches, plan_schedule, read_log,
-                        token_losses, train_lora, training_rows)
+from tell.packing import _Row, collate, micro_batches, token_losses
+from tell.train import add_lora, epoch_batches, plan_schedule, read_log, train_lora, training_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPEATED = Example("task:capital.jsonl:1", (

@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tell.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint, trim_log
 from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.mix import Mix, encode_examples
-
-IGNORE = -100
+from tell.packing import (_causal_lm, _Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
+                          micro_batches, packed_micro_batches, token_losses)
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,6 @@ class TrainResult:
     final_loss_general: float | None
 
 
-@dataclass(frozen=True)
-class _Row:
-    input_ids: tuple[int, ...]
-    labels_from: int
-    source: str
-
-
 def training_rows(tokenizer, mix: Mix, max_length: int) -> list[_Row]:
     """Return the mix encoded for training: ids truncated to max_length, labels after the prompt."""
     encoded = encode_examples(tokenizer, [r.example for r in mix.rows])
@@ -66,242 +58,6 @@ def epoch_batches(rows: list[_Row], batch_size: int, epochs: int, seed: int) -> 
         order = rows[:] if epoch == 0 else rng.sample(rows, len(rows))
         batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return batches
-
-
-def micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
-    """Return length-sorted groups whose padded size (longest × count) stays within max_tokens."""
-    groups, current = [], []
-    for row in sorted(batch, key=lambda r: len(r.input_ids)):
-        if current and len(row.input_ids) * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(row)
-    return groups + [current] if current else groups
-
-
-def packed_micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
-    """Return length-sorted groups whose total (unpadded) size stays within max_tokens."""
-    groups, current, size = [], [], 0
-    for row in sorted(batch, key=lambda r: len(r.input_ids)):
-        if current and size + len(row.input_ids) > max_tokens:
-            groups.append(current)
-            current, size = [], 0
-        current.append(row)
-        size += len(row.input_ids)
-    return groups + [current] if current else groups
-
-
-def collate_packed(rows: list[_Row], device) -> dict[str, torch.Tensor]:
-    """Return the rows concatenated into one padding-free row: input_ids, labels and position_ids of
-    shape (1, total), and ``cu_seq_lens_q`` (row boundaries, HF's varlen convention)."""
-    ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)
-    positions = torch.cat([torch.arange(len(r.input_ids)) for r in rows])
-    starts = torch.tensor([0] + [len(r.input_ids) for r in rows]).cumsum(0)
-    labels = torch.full_like(ids, IGNORE)
-    for start, r in zip(starts.tolist(), rows):
-        # As collate: labels from labels_from, never on a row's first token (nothing predicts it), so the
-        # shifted targets never cross from one row into the next.
-        first = start + max(r.labels_from, 1)
-        labels[first:start + len(r.input_ids)] = ids[first:start + len(r.input_ids)]
-    return {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
-            "position_ids": positions[None].to(device), "cu_seq_lens_q": starts.to(torch.int32).to(device)}
-
-
-PACKED_ATTENTION = "tell_packed_sdpa"
-
-
-def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA run causally on each packed row on its own: no attention across rows, no T×T mask, and the
-    causal kernel skips the upper triangle. Without row boundaries it is plain SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    bounds = kwargs.pop("cu_seq_lens_q", None)
-    for key_name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
-        kwargs.pop(key_name, None)
-    if bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    edges = bounds.tolist()
-    outputs = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        if b - a <= SHORT_ROW and dropout == 0 and query.device.type == "cpu":
-            outputs.append(_matmul_causal_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                    scaling or query.shape[-1] ** -0.5))
-        else:
-            outputs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                                  dropout=dropout, scaling=scaling, is_causal=True)[0])
-    return torch.cat(outputs, dim=1), None
-
-
-# Rows up to this length use plain matmul attention: on the 2-core CPU the SDPA flash kernel's forward +
-# backward costs 4.0 ms at 256 tokens vs 2.1 ms for matmuls + softmax (13 vs 11 ms at 512, 40 vs 69 at 1024).
-SHORT_ROW = 512
-
-
-def _matmul_causal_attention(query, key, value, scaling: float) -> torch.Tensor:
-    """Causal attention of one row by matmuls; returns (1, seq, heads, head_dim).
-
-    Runs in the inputs' dtype outside autocast, so that backward keeps one seq×seq tensor per head in bf16
-    (the softmax output, which the kernel computes with fp32 accumulation) instead of fp32 + bf16 copies.
-    """
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    with torch.autocast(query.device.type, enabled=False):
-        scores = (query @ key.transpose(-1, -2)) * scaling
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return (probs @ value).transpose(1, 2)
-
-
-def can_pack(model) -> bool:
-    """Return True when micro-batches can be packed padding-free: an SDPA model that routes attention
-    through HF's attention interface, with a plain LM head and no sliding window."""
-    causal_lm = _causal_lm(model)
-    config = causal_lm.config
-    return (getattr(config, "_attn_implementation", None) == "sdpa"
-            and getattr(type(causal_lm), "_supports_attention_backend", False)
-            and not getattr(config, "sliding_window", None) and _has_plain_head(causal_lm)
-            and getattr(causal_lm, "base_model_prefix", "") != "")
-
-
-def collate(rows: list[_Row], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Return right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n] = torch.tensor(r.input_ids)
-        mask[i, :n] = 1
-        labels[i, r.labels_from:n] = ids[i, r.labels_from:n]
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def _causal_lm(model):
-    """Return the underlying *ForCausalLM module of a (PEFT-wrapped) model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner
-
-
-def _has_plain_head(causal_lm) -> bool:
-    config = causal_lm.config
-    # Soft-capped or scaled logits need the model's own forward; the fast path skips it.
-    return not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale",
-                                                        "output_multiplier_scale"))
-
-
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (per-token CE losses at labelled positions, row index of each) for a micro-batch."""
-    causal_lm = _causal_lm(model)
-    if "cu_seq_lens_q" in batch:
-        return _packed_token_losses(causal_lm, batch)
-    targets = batch["labels"][:, 1:]
-    where = targets != IGNORE
-    if _has_plain_head(causal_lm):
-        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         use_cache=False).last_hidden_state[:, :-1]
-        logits = causal_lm.get_output_embeddings()(hidden[where])
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1][where]
-    losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[where]
-    return losses, rows
-
-
-def _packed_token_losses(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_losses of a collate_packed batch: one padding-free row, attention kept within each row."""
-    from transformers import AttentionInterface
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
-    bounds = batch["cu_seq_lens_q"]
-    labels = batch["labels"][0]
-    targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])  # position t predicts token t+1
-    where = targets != IGNORE
-    config, decoder = causal_lm.config, getattr(causal_lm, causal_lm.base_model_prefix)
-    previous = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION  # unknown to HF's mask builders: no mask is built
-    try:
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                         cu_seq_lens_q=bounds).last_hidden_state[0]
-    finally:
-        config._attn_implementation = previous
-    head = causal_lm.get_output_embeddings()
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-        losses = _HeadCrossEntropy.apply(hidden[where], head.weight, targets[where])
-    else:
-        losses = F.cross_entropy(head(hidden[where]).float(), targets[where], reduction="none")
-    rows = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds.diff())
-    return losses, rows[where]
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of ``hidden @ weight.T`` for a frozen LM head, in chunks of rows.
-
-    The gradient with respect to ``hidden`` is computed chunk by chunk in the forward pass (softmax − one-hot,
-    times the head), so no (labels × vocabulary) logits tensor outlives its chunk: with a 49k vocabulary
-    that saves ~14 bytes × 49k per labelled token (400 MB for a 600-label micro-batch) at the same FLOPs.
-    """
-
-    CHUNK = 256
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        hidden = hidden.to(weight.dtype)
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, hidden.shape[0], _HeadCrossEntropy.CHUNK):
-            part = slice(start, start + _HeadCrossEntropy.CHUNK)
-            logits = (hidden[part] @ weight.T).float()
-            logsumexp = logits.logsumexp(dim=-1)
-            losses[part] = logsumexp - logits.gather(1, targets[part, None])[:, 0]
-            if grads is not None:
-                probs = logits.sub_(logsumexp[:, None]).exp_()
-                probs[torch.arange(probs.shape[0], device=probs.device), targets[part]] -= 1
-                grads[part] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grads)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        (grads,) = ctx.saved_tensors
-        return grads * grad_losses[:, None].to(grads.dtype), None, None
-
-
-class SparseDropout(torch.nn.Module):
-    """Dropout with the exact distribution of nn.Dropout(p) that draws ~p·n random numbers instead of n.
-
-    Each of k ~ Poisson(-n·ln(1-p)) uniform draws zeroes one element; by Poisson splitting each element is
-    hit independently with probability 1 - e^{ln(1-p)} = p. On the 2-core CPU, nn.Dropout's n draws cost
-    as much as the LoRA layer's base matmul (2.3 ms for a 1024×576 input); this costs ~0.2 ms.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        n = x.numel()
-        draws = int(torch.poisson(torch.tensor(-math.log1p(-self.p) * n, dtype=torch.float64)))
-        keep = torch.full((n,), 1.0 / (1.0 - self.p), dtype=x.dtype, device=x.device)
-        keep[torch.randint(n, (draws,), device=x.device)] = 0
-        return x * keep.view(x.shape)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def _sparse_lora_dropout(model) -> None:
-    """Replace PEFT's nn.Dropout on LoRA inputs with SparseDropout (same distribution, fewer draws)."""
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, layer in dropouts.items():
-                if type(layer) is torch.nn.Dropout and 0 < layer.p < 1:
-                    dropouts[name] = SparseDropout(layer.p)
 
 
 def add_lora(model, cfg: TrainConfig):
