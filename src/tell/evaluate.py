@@ -22,6 +22,7 @@ from tell.data import Example, TellInputError, read_records
 from tell.generate import LoadedRun, answer_texts, prompt_texts
 from tell.mix import encode_examples
 from tell.model import context_length
+from tell.packing import IGNORE, _Row, collate
 from tell.tasks import Task, TestRow
 
 
@@ -121,16 +122,11 @@ def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: in
 
 def _batch_loss(model, batch, pad_id: int, limit: int, device) -> tuple[float, int]:
     """Return (summed answer-token loss, answer tokens) of one right-padded batch."""
-    width = max(len(e.input_ids[:limit]) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        row = torch.tensor(e.input_ids[:limit])
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
-        labels[i, e.prompt_tokens:len(row)] = row[e.prompt_tokens:]
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:].to(device)
-    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+    rows = [_Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in batch]
+    inputs = collate(rows, pad_id, device)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   use_cache=False).logits[:, :-1]
+    targets = inputs["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
                                                reduction="sum")
-    return float(losses), int((targets != -100).sum())
+    return float(losses), int((targets != IGNORE).sum())
