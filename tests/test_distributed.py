@@ -49,3 +49,16 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     assert all((wa[k] - wb[k]).abs().max() <= 1e-4 for k in wa)
     assert json.loads((double / "train_summary.json").read_text())["trained_tokens"] == \
         json.loads((single / "train_summary.json").read_text())["trained_tokens"]
+
+
+def test_sharding_configs_are_recognised_so_the_run_can_warn(monkeypatch):
+    """An accelerate FSDP or DeepSpeed config is detected (the loop replicates the base, and says so)."""
+    from tell.train import sharding_asked
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert sharding_asked() == ""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharding_asked() == "FSDP"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert sharding_asked() == "DeepSpeed"

@@ -225,3 +225,51 @@ def test_shared_prefix_cache_changes_nothing(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(generate, "shared_prefix", lambda *args, **kwargs: None)
     without = generate_texts(run.model, run.tokenizer, texts, cfg, 8, progress=False)
     assert with_prefix == without
+
+
+def test_cached_matmul_attention_equals_sdpa_with_padding_and_grouped_heads():
+    """The decode attention gives SDPA's output for grouped-query heads, a left-padding mask, one query
+    (decode) and several (prefill over a cached prefix), in fp32."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask format the model passes)
+    from tell.generate import _cached_matmul_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 3
+        is_causal = True
+
+    torch.manual_seed(0)
+    for q_len in (1, 5):
+        k_len = 11
+        query = torch.randn(2, 6, q_len, 8)
+        key, value = torch.randn(2, 2, k_len, 8), torch.randn(2, 2, k_len, 8)
+        mask = torch.ones(2, 1, q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        mask[1, :, :, :3] = False  # row 1 is left-padded by 3 tokens
+        mine, _ = _cached_matmul_attention(Layer(), query, key, value, mask, scaling=0.3)
+        ref, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.3)
+        assert mine.shape == ref.shape == (2, q_len, 6, 8)
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_takes_the_matmul_attention_and_matches_transformers(tiny_model_dir, monkeypatch):
+    """generate_texts routes masked attention through the matmul kernel, and its greedy answers equal
+    transformers' generate (SDPA) in fp32."""
+    import torch
+    import tell.generate as generate
+    calls = []
+    original = generate._cached_matmul_attention
+    monkeypatch.setattr(generate, "_cached_matmul_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    tok = run.tokenizer
+    texts = prompt_texts(run, [({"role": "user", "content": "Tell me " * (i * 2 + 1)},) for i in range(4)])
+    mine = generate_texts(run.model, tok, texts, GenerateConfig(greedy=True, batch_size=4), 10, progress=False)
+    assert calls, "the matmul attention was not used"
+    assert run.model.config._attn_implementation == "sdpa"  # restored afterwards
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = run.model.generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 **generate.sampling_kwargs(GenerateConfig(greedy=True)))
+    ref = [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    assert mine == ref

@@ -207,3 +207,9 @@ def test_task_tokens_draws_the_fewest_rows_of_the_seeded_draw_reaching_the_budge
     assert rows == task.train_examples(len(rows), cfg.mix.seed)
     with pytest.raises(TellInputError, match="task_tokens"):
         task_examples_for(load_config(None, {**overrides, "compare.task_tokens": 10**6}), task)
+
+
+def test_a_short_flag_sweep_does_not_take_points_to_its_dotted_form(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("grid:\n  - {method: [base]}\n")
+    assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), "--model", "x", "--status"]) == 2
+    assert "--model.name" in capsys.readouterr().err

@@ -37,6 +37,8 @@ SHORT_FLAGS = {
     "--max-steps": (("train.max_steps",), {"type": int, "help": "stop after N optimizer steps"}),
     "--report-to": (("train.report_to",), {"help": "none, tensorboard, wandb, mlflow"}),
     "--save-every": (("train.save_every",), {"type": int, "help": "checkpoint every N steps (20; 0 = never)"}),
+    "--micro-batch-tokens": (("train.micro_batch_tokens",), {"type": int, "help": "tokens per forward pass "
+                             "(512; the gradient is the same, larger is faster where memory allows)"}),
     "--max-new-tokens": (("generate.max_new_tokens",), {"type": int, "help": "new tokens per answer"}),
     "--backend": (("generate.backend",), {"help": "generation backend: transformers (default) or vllm (GPU)"}),
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
@@ -65,7 +67,8 @@ VERB_FLAGS = {
     "generate": ["--backend", "--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device"],
 }
 VERB_FLAGS["train"] = VERB_FLAGS["mix"] + ["--dtype", "--device", "--lr", "--batch-size", "--epochs",
-                                           "--max-steps", "--report-to", "--save-every"]
+                                           "--max-steps", "--report-to", "--save-every",
+                                           "--micro-batch-tokens"]
 VERB_FLAGS["eval"] = ["--backend", "--task", "--test", "--metric", "--schema", "--pattern", "--limit", "--model",
                       "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device", "--out"]
 VERB_FLAGS["export"] = ["--task", "--task-rows", "--seed"]
@@ -205,7 +208,12 @@ def dotted_overrides(extra: list[str]) -> dict[str, str]:
         arg = extra[i]
         if not arg.startswith("--") or "." not in arg:
             import difflib
-            close = difflib.get_close_matches(arg, list(SHORT_FLAGS) + list(EVAL_FLAGS), n=1)
+            known = {**SHORT_FLAGS, **EVAL_FLAGS}
+            if arg.partition("=")[0] in known:  # a real flag, but not one of this verb's short flags
+                dotted = known[arg.partition("=")[0]][0][0]
+                raise TellInputError(f"unrecognised argument {arg!r} here; give the config field as a dotted "
+                                     f"flag: --{dotted}")
+            close = difflib.get_close_matches(arg, list(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else " (see --help)"
             raise TellInputError(f"unrecognised argument {arg!r}{hint}")
         key, _, value = arg[2:].partition("=")

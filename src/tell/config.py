@@ -359,7 +359,8 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"{key} must be >= 1")
     if cfg.anchor.meta_prompt and "{examples}" not in cfg.anchor.meta_prompt:
         problems.append("anchor.meta_prompt must contain {examples}, where the task rows go")
-    for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size"):
+    for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size",
+                "train.micro_batch_tokens"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:
             problems.append(f"{key} must be >= 1")

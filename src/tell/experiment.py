@@ -271,8 +271,9 @@ def read_prompts(path: str | None) -> list[tuple[dict, ...]]:
 def run_generate(run_dir: str | None, prompts_path: str | None, cfg: RunConfig, out_path: str | None = None,
                  use_anchor: bool = True) -> list[dict]:
     """Answer prompts with a trained run (its anchor applied) or a base model; return output rows."""
-    from tell.generate import answer_texts, load_for_generation, prompt_texts
+    from tell.generate import answer_texts, load_for_generation, prompt_texts, usable_backend
     prompts = read_prompts(prompts_path)
+    cfg.generate.backend = usable_backend(cfg.generate.backend)
     run = load_for_generation(run_dir, cfg.model, cfg.generate.backend)
     texts = prompt_texts(run, prompts, use_anchor)
     outputs = answer_texts(run, texts, cfg.generate, cfg.generate.max_new_tokens or 256)
@@ -298,8 +299,9 @@ def test_rows_from_config(cfg: RunConfig, task) -> list:
 def run_eval(cfg: RunConfig, run_dir: str | None, overwrite: bool = False, use_anchor: bool = True):
     """Evaluate a run (base + adapter + its anchor) or a plain model on a task; write generations + metrics."""
     from tell.evaluate import evaluate, write_eval
-    from tell.generate import load_for_generation, load_run_config
+    from tell.generate import load_for_generation, load_run_config, usable_backend
     announce(cfg)
+    cfg.generate.backend = usable_backend(cfg.generate.backend)
     task = task_from_config(cfg)
     rows = test_rows_from_config(cfg, task)
     if run_dir:

@@ -79,6 +79,21 @@ def _paths_only(run_dir, model_cfg: ModelConfig) -> LoadedRun:
                      str(resolve_model_path(cfg.model.name)), str(Path(run_dir) / "adapter"))
 
 
+def usable_backend(name: str) -> str:
+    """Return the backend to generate with: `name`, or 'transformers' (said on stderr) when 'vllm' is asked
+    for and does not import here. Both give the same metrics; vLLM is only faster on a GPU."""
+    if name != "vllm":
+        return name
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        import sys
+        print("[tell] --backend vllm: the 'vllm' package does not import on this machine (it needs a GPU: "
+              "pip install vllm); generating with the transformers backend instead", file=sys.stderr, flush=True)
+        return "transformers"
+    return name
+
+
 def check_vllm() -> None:
     """Raise a clear error when the vLLM backend is asked for but `vllm` does not import."""
     try:
@@ -137,6 +152,66 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig) -
     probs[:, 0] = probs[:, 0].clamp_min(1e-12)  # the top candidate always survives, as in transformers
     choice = torch.multinomial(probs, 1)
     return indices.gather(1, choice).squeeze(1)
+
+
+CACHED_ATTENTION = "tell_cached_matmul"
+# Above this many attention scores per layer (batch × heads × queries × keys) prefill falls back to SDPA,
+# which never materialises them: 64M fp32 scores are 256 MB.
+MATMUL_SCORES_LIMIT = 1 << 26
+
+
+def _cached_matmul_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Masked attention over a KV cache by two batched matmuls, the query heads of each KV head grouped.
+
+    On the 2-core CPU the SDPA kernel with a padding mask was 41% of a decode batch's time; this reads the
+    cache once per KV head (no repeat of K/V for grouped-query attention). Numerics follow HF's eager
+    attention: scores in the model dtype, softmax in fp32. Without a mask (no padding, causal) or on a
+    GPU it is plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if (attention_mask is None or query.device.type != "cpu" or dropout
+            or batch * heads * q_len * k_len > MATMUL_SCORES_LIMIT):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = heads // kv_heads  # HF's repeat_kv order: query head h reads KV head h // groups
+    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)
+    scores = (grouped @ key.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, k_len)
+    scores = scores * (scaling if scaling is not None else dim ** -0.5)
+    mask = attention_mask[:, :, None, :, -k_len:]
+    if mask.dtype == torch.bool:  # a fully masked row (a padding query) gets uniform weights, never NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = probs.view(batch, kv_heads, groups * q_len, k_len) @ value
+    return out.view(batch, kv_heads, groups, q_len, dim).permute(0, 3, 1, 2, 4).reshape(batch, q_len, heads, dim), None
+
+
+class cached_attention:
+    """Context: the model's attention goes through _cached_matmul_attention (SDPA-style boolean masks).
+
+    Only models that route attention through HF's attention interface with SDPA are switched; others keep
+    their own attention.
+    """
+
+    def __init__(self, model):
+        self.model_type, self.config = type(model), model.config
+        self.previous = getattr(self.config, "_attn_implementation", None)
+
+    def __enter__(self):
+        if self.previous == "sdpa" and getattr(self.model_type, "_supports_attention_backend", False):
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            AttentionInterface.register(CACHED_ATTENTION, _cached_matmul_attention)
+            AttentionMaskInterface.register(CACHED_ATTENTION, sdpa_mask)
+            self.config._attn_implementation = CACHED_ATTENTION
+        return self
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.previous
+        return False
 
 
 @dataclass
@@ -219,6 +294,11 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
 def generate_texts(model, tokenizer, texts: list[str], cfg: GenerateConfig, max_new_tokens: int,
                    progress: bool = True) -> list[str]:
     """Return the model's answer to each rendered prompt text, in input order."""
+    with cached_attention(model):
+        return _generate_texts(model, tokenizer, texts, cfg, max_new_tokens, progress)
+
+
+def _generate_texts(model, tokenizer, texts, cfg, max_new_tokens, progress):
     from tqdm.auto import tqdm
     device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

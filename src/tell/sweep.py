@@ -159,6 +159,7 @@ def expand_grid(base: RunConfig, grids: list[dict[str, list]]) -> list[Cell]:
             except TellInputError as err:
                 raise TellInputError(f"{where}: {err}") from None
             cfg = normalise(cfg)
+            cfg.sweep.max_cells = 0  # how many cells one invocation runs is not part of any cell
             key = cell_key(cfg)
             if key not in seen:
                 seen.add(key)

@@ -147,7 +147,18 @@ def dist_context() -> tuple[int, int]:
     if not dist.is_initialized():
         from accelerate import PartialState
         PartialState()  # reads the launcher's environment; gloo on CPU, nccl on CUDA
+    if sharding := sharding_asked():
+        warnings.warn(f"the accelerate config asks for {sharding}, but tell's training loop is data-parallel: "
+                      "every rank holds the whole frozen base (the LoRA gradients are all-reduced)", stacklevel=2)
     return dist.get_rank(), dist.get_world_size()
+
+
+def sharding_asked() -> str:
+    """Return 'FSDP' or 'DeepSpeed' when `accelerate launch` was configured for it, else ''."""
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            return name
+    return ""
 
 
 def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
