@@ -232,7 +232,6 @@ def test_cached_matmul_attention_equals_sdpa_with_padding_and_grouped_heads():
     (decode) and several (prefill over a cached prefix), in fp32."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask format the model passes)
     from tell.generate import _cached_matmul_attention
 
     class Layer(torch.nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tell.config import RunConfig, dump_config, load_config
+from tell.config import RunConfig, load_config
 from tell.data import TellInputError
 
 # short flag -> (dotted config keys it sets, argparse options)

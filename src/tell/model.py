@@ -57,7 +57,7 @@ def _dequantised_dir(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"[tell] dequantising {gguf.name} once into {target} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
