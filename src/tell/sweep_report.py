@@ -319,16 +319,27 @@ def _fmt(value) -> str:
 
 def cells_table(records: list[dict], metric: str) -> str:
     """Return every finished cell as a Markdown table row: settings, tokens, score, retention, wall time."""
-    head = ["cell", "method", "size", "task tokens", "general tokens", metric, "steps", "general loss",
-            "general ppl", "wall s"]
+    head = ["cell", "method", "size", "task tokens", "general tokens", metric, "task metrics", "steps",
+            "general loss", "general ppl", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
         lines.append("| " + " | ".join([r["label"], r["method"], r["size"], f"{r['task_tokens']:,}",
-                                         f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}",
+                                         f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}", _task_metrics(m),
                                          str(m.get("optimizer_steps", 0)), _fmt(m.get("general_loss", "–")),
                                          _fmt(m.get("general_ppl", "–")), _fmt(r["wall_s"] or 0.0)]) + " |")
     return "\n".join(lines)
+
+
+TASK_METRICS = {"json_adherence_strict": "JSON strict", "json_adherence_lenient": "JSON lenient",
+                "label_accuracy": "label acc", "chrf": "chrF++", "bleu": "BLEU", "exact_match": "exact",
+                "regex_match": "regex"}
+
+
+def _task_metrics(metrics: dict) -> str:
+    """Return the task's own headline metrics of a cell, e.g. 'JSON lenient 0.021, label acc 0.000'."""
+    return ", ".join(f"{name} {metrics[key]:.3f}" for key, name in TASK_METRICS.items()
+                     if isinstance(metrics.get(key), (int, float))) or "–"
 
 
 def retention_table(records: list[dict]) -> str:
