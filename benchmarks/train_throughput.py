@@ -120,6 +120,18 @@ def worker_trl(args) -> dict:
             "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None}
 
 
+def attention_flops(model, tokenizer, mix, cfg, steps: int) -> float:
+    """Return the causal attention FLOPs of the rows trained (not in tell's FLOPs per token, which counts
+    weights only): per layer and row of n tokens, QK^T and AV over the causal half, forward 2·n²·d and
+    backward 4·n²·d, d = heads × head_dim (the PaLM-style MFU count, causal)."""
+    from tell.train import epoch_batches, training_rows
+    config = model.config
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    rows = [r for batch in epoch_batches(training_rows(tokenizer, mix, 10**9), cfg.batch_size, cfg.epochs,
+                                         cfg.seed)[:steps] for r in batch]
+    return float(sum(6 * len(r.input_ids) ** 2 * width * config.num_hidden_layers for r in rows))
+
+
 def worker_tell(args) -> dict:
     """Train with tell.train.train_lora exactly as `tell train` does (dtype auto)."""
     import torch
@@ -137,6 +149,7 @@ def worker_tell(args) -> dict:
         _, result = train_lora(model, tokenizer, mix, cfg, out, autocast_dtype(cfg_model, pick_device(cfg_model)))
     return {"steps": result.optimizer_steps, "rows": min(len(mix.rows), result.optimizer_steps * cfg.batch_size),
             "real_tokens": result.trained_tokens, "packed": packed,
+            "attention_flops": attention_flops(model, tokenizer, mix, cfg, result.optimizer_steps),
             "padded_tokens": result.trained_tokens,  # packed rows: no padding is computed
             "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
             "padded_tokens_per_s": result.tokens_per_s, "train_flops": result.train_flops,
@@ -199,6 +212,10 @@ def main() -> None:
         "bf16_matmul_gflops": limit["bf16_peak_gflops"],
         "fraction_of_limit": round(tell["flops_per_s"] / 1e9 / limit["bf16_peak_gflops"], 3)
         if "flops_per_s" in tell else None,
+        # the same with the causal attention FLOPs counted too (as MFU figures usually do):
+        "fraction_of_limit_with_attention": round((tell["train_flops"] + tell["attention_flops"]) / tell["wall_s"]
+                                                  / 1e9 / limit["bf16_peak_gflops"], 3)
+        if "attention_flops" in tell else None,
         "peak_rss_gib": tell.get("peak_rss_gib"), "trl_peak_rss_gib": fast.get("peak_rss_gib"),
         "trl_default_peak_rss_gib": default.get("peak_rss_gib"),
         "matmul": limit, "runs": results,

@@ -275,30 +275,37 @@ def test_generation_takes_the_matmul_attention_and_matches_transformers(tiny_mod
 
 
 def test_growing_cache_gives_the_default_cache_logits(tiny_model_dir, monkeypatch):
-    """The in-place growing KV cache (past its spare capacity, after rows leave and after a batch repeat)
-    gives the same logits as transformers' DynamicCache, in fp32."""
+    """The KV cache with spare capacity (past its capacity, after rows leave and after a batch repeat)
+    gives the same logits as transformers' DynamicCache in fp32, as the decode loop calls the model (with
+    a 2D mask) and, under cached_attention, without one."""
     import torch
     from transformers.cache_utils import DynamicCache
     import tell.generate as generate
     run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
     model = run.model
-    growing = generate.new_cache(model)
-    monkeypatch.setattr(growing.layer_class_to_replicate, "SPARE", 2)  # grow several times within the test
-    default = DynamicCache()
-    torch.manual_seed(0)
-    ids = torch.randint(5, 200, (1, 7))
-    with torch.inference_mode():
-        a = model(input_ids=ids, past_key_values=growing, use_cache=True).logits
-        b = model(input_ids=ids, past_key_values=default, use_cache=True).logits
-        growing.batch_repeat_interleave(3)
-        default.batch_repeat_interleave(3)
-        for step in range(5):
-            if step == 3:
-                growing.batch_select_indices(torch.tensor([0, 2]))
-                default.batch_select_indices(torch.tensor([0, 2]))
-            token = torch.randint(5, 200, (3 if step < 3 else 2, 1))
-            a = model(input_ids=token, past_key_values=growing, use_cache=True).logits
-            b = model(input_ids=token, past_key_values=default, use_cache=True).logits
-            torch.testing.assert_close(a, b)
-    assert type(growing.layers[0]).__name__ == "GrowingLayer"
-    assert growing.get_seq_length() == default.get_seq_length() == 12
+    for with_mask in (True, False):
+        growing = generate.new_cache(model)
+        monkeypatch.setattr(growing.layer_class_to_replicate, "SPARE", 2)  # grow several times within the test
+        default = DynamicCache()
+        torch.manual_seed(0)
+        ids = torch.randint(5, 200, (1, 7))
+        mask = torch.ones(3, 7, dtype=torch.long)
+        with torch.inference_mode(), generate.cached_attention(model):
+            a = model(input_ids=ids, past_key_values=growing, use_cache=True).logits
+            b = model(input_ids=ids, past_key_values=default, use_cache=True).logits
+            growing.batch_repeat_interleave(3)
+            default.batch_repeat_interleave(3)
+            for step in range(5):
+                if step == 3:
+                    growing.batch_select_indices(torch.tensor([0, 2]))
+                    default.batch_select_indices(torch.tensor([0, 2]))
+                    mask = mask[:2]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                token = torch.randint(5, 200, (mask.shape[0], 1))
+                kwargs = {"attention_mask": mask} if with_mask else {}
+                a = model(input_ids=token, past_key_values=growing, use_cache=True, **kwargs).logits
+                b = model(input_ids=token, past_key_values=default, use_cache=True, **kwargs).logits
+                torch.testing.assert_close(a, b)
+        assert type(growing.layers[0]).__name__ == "GrowingLayer"
+        assert growing.get_seq_length() == default.get_seq_length() == 12
+        assert growing.layers[0].keys.shape[-2] > 12  # spare slots exist and were masked
