@@ -140,3 +140,24 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradient(monkeypat
     (got * scale).sum().backward()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
+    """The short-row training attention (query heads stacked per KV head, no K/V repeat) gives causal SDPA's
+    output and gradients for grouped-query attention, in fp32."""
+    import torch
+    import torch.nn.functional as F
+    from tell.packing import _matmul_causal_attention
+    torch.manual_seed(0)
+    query = torch.randn(1, 6, 9, 8, requires_grad=True)
+    key = torch.randn(1, 2, 9, 8, requires_grad=True)
+    value = torch.randn(1, 2, 9, 8, requires_grad=True)
+    mine = _matmul_causal_attention(query, key, value, 0.35)
+    ref = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+                                         is_causal=True, scale=0.35).transpose(1, 2)
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((mine * weights).sum(), (query, key, value))
+    expected = torch.autograd.grad((ref * weights).sum(), (query, key, value))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
