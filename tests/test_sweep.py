@@ -168,6 +168,13 @@ def test_two_cell_sweep_end_to_end_then_resumes_without_rerunning(tiny_model_dir
     (out / "report.md").unlink()
     assert cli.main(["report", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    # the same sweep on another metric of its cells, beside the main report; an unknown one is refused
+    assert cli.main(["report", str(out), "--metric", "exact_match"]) == 0
+    other = (out / "by-exact_match" / "report.md").read_text()
+    assert "Score: `exact_match`" in other and "seeds only" in other
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--metric", "bleurt"]) == 2
+    assert "exact_match" in capsys.readouterr().err
 
 
 def test_report_verb_renders_a_compare_directory_and_refuses_others(tmp_path, capsys):

@@ -155,6 +155,8 @@ def _add_sweep_verbs(verbs) -> None:
     report = verbs.add_parser("report", help="render report.md + report.html (tables and plots) of a sweep "
                               "or compare directory")
     report.add_argument("dir", help="a sweep directory (sweep.sqlite) or a compare directory (results.json)")
+    report.add_argument("--metric", help="render a sweep on another metric of its cells (e.g. "
+                        "json_adherence_lenient), into DIR/by-METRIC/; intervals then cover seeds only")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
     probe = verbs.add_parser("probe", help="t-SNE + separation numbers of task queries with/without the anchor "
                              "vs general queries, from hidden states")
@@ -168,7 +170,7 @@ def _dispatch_sweep(args, extra) -> int:
     from tell import sweep
     from tell.sweep_report import status_text
     if args.verb == "report":
-        path = sweep.render_report(args.dir)
+        path = sweep.render_report(args.dir, args.metric)
         print(f"[tell] {path} and {path.with_suffix('.html')} written (plots beside them)")
         return 0
     overrides = dotted_overrides(extra)

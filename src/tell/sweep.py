@@ -390,23 +390,33 @@ def result_rows(out: str | Path) -> list[dict]:
     return records
 
 
-def write_sweep_report(out: str | Path) -> Path:
-    """Write report.md, report.html and the plots of the sweep in `out`; return report.md's path."""
+def write_sweep_report(out: str | Path, metric: str | None = None) -> Path:
+    """Write report.md, report.html and the plots of the sweep in `out` (with another `metric` than the
+    sweep's: in out/by-<metric>/); return report.md's path."""
     from tell.sweep_report import render_sweep_report
     conn = open_store(db_path(out))
     stored = conn.execute("SELECT value FROM meta WHERE name = 'sweep'").fetchone()
     conn.close()
     settings = {**config_dict(RunConfig().sweep), **(json.loads(stored["value"]) if stored else {})}
-    return render_sweep_report(result_rows(out), sweep_status(out), Path(out), settings["metric"],
-                               settings["resamples"])
+    records = result_rows(out)
+    if metric and metric != settings["metric"]:
+        missing = [r["label"] for r in records if metric != "score" and not isinstance(r["metrics"].get(metric),
+                                                                                      (int, float))]
+        if missing:
+            known = sorted(k for k, v in records[0]["metrics"].items() if isinstance(v, (int, float))) if records else []
+            raise TellInputError(f"--metric {metric!r} is not a number in the metrics of {len(missing)} cell(s) "
+                                 f"(e.g. {missing[0]}); known: {', '.join(known)}", db_path(out))
+        return render_sweep_report(records, sweep_status(out), Path(out) / f"by-{metric}", metric,
+                                   settings["resamples"])
+    return render_sweep_report(records, sweep_status(out), Path(out), settings["metric"], settings["resamples"])
 
 
-def render_report(directory: str | Path) -> Path:
+def render_report(directory: str | Path, metric: str | None = None) -> Path:
     """Return report.md of a sweep (sweep.sqlite) or a compare run (results.json), rendered with its HTML."""
     from tell.report import rerender_compare_report
     directory = Path(directory)
     if db_path(directory).is_file():
-        return write_sweep_report(directory)
+        return write_sweep_report(directory, metric)
     if (directory / "results.json").is_file():
         return rerender_compare_report(directory)
     raise TellInputError("not a sweep directory (sweep.sqlite) nor a compare directory (results.json)", directory)

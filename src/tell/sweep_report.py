@@ -392,7 +392,9 @@ def render_sweep_report(records: list[dict], status: dict, out_dir: Path, metric
              f"{status['done']} of {status['cells']} cells done, {status['running']} running, {status['left']} left "
              f"({status['failed']} failed). Score: `{metric}`"
              + (" (mean per-row task score)" if metric == "score" else "") + ". Bands and brackets: 95% bootstrap "
-             "intervals over test rows (paired across cells) and seeds.", "",
+             + ("intervals over test rows (paired across cells) and seeds." if metric == "score" else
+                "intervals over seeds only (per-row values are stored for `score` alone): a one-seed point "
+                "has none."), "",
              "## Token-efficiency multiplier", "",
              "For every TELL point, the SFT task tokens that reach the same score — interpolated on the SFT curve "
              "in log-token space (SFT cells at the same learning rate when there are any) — as a multiple of "
