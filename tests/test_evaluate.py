@@ -228,27 +228,28 @@ def test_shared_prefix_cache_changes_nothing(tiny_model_dir, monkeypatch):
 
 
 def test_cached_matmul_attention_equals_sdpa_with_padding_and_grouped_heads():
-    """The decode attention gives SDPA's output for grouped-query heads, a left-padding mask, one query
-    (decode) and several (prefill over a cached prefix), in fp32."""
+    """The decode attention gives SDPA's output for grouped-query heads, a left-padding mask, one query and
+    up to MATMUL_MAX_QUERIES, and a value head size other than the key's, in fp32."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from tell.generate import _cached_matmul_attention
 
     class Layer(torch.nn.Module):
         num_key_value_groups = 3
         is_causal = True
 
+    import tell.generate as generate
     torch.manual_seed(0)
-    for q_len in (1, 5):
+    for q_len, value_dim in ((1, 8), (3, 8), (generate.MATMUL_MAX_QUERIES, 8), (1, 6)):
         k_len = 11
         query = torch.randn(2, 6, q_len, 8)
-        key, value = torch.randn(2, 2, k_len, 8), torch.randn(2, 2, k_len, 8)
+        key, value = torch.randn(2, 2, k_len, 8), torch.randn(2, 2, k_len, value_dim)
         mask = torch.ones(2, 1, q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
         mask[1, :, :, :3] = False  # row 1 is left-padded by 3 tokens
         mine, _ = _cached_matmul_attention(Layer(), query, key, value, mask, scaling=0.3)
-        ref, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.3)
-        assert mine.shape == ref.shape == (2, q_len, 6, 8)
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3)
+        assert mine.shape == (2, q_len, 6, value_dim)
+        torch.testing.assert_close(mine, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_generation_takes_the_matmul_attention_and_matches_transformers(tiny_model_dir, monkeypatch):
@@ -258,7 +259,12 @@ def test_generation_takes_the_matmul_attention_and_matches_transformers(tiny_mod
     import tell.generate as generate
     calls = []
     original = generate._cached_matmul_attention
-    monkeypatch.setattr(generate, "_cached_matmul_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def counting(module, query, key, value, mask, *args, **kwargs):
+        if mask is not None and query.shape[2] <= generate.MATMUL_MAX_QUERIES:  # the matmul branch, not SDPA
+            calls.append(1)
+        return original(module, query, key, value, mask, *args, **kwargs)
+    monkeypatch.setattr(generate, "_cached_matmul_attention", counting)
     run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
     tok = run.tokenizer
     texts = prompt_texts(run, [({"role": "user", "content": "Tell me " * (i * 2 + 1)},) for i in range(4)])
@@ -309,3 +315,30 @@ def test_growing_cache_gives_the_default_cache_logits(tiny_model_dir, monkeypatc
         assert type(growing.layers[0]).__name__ == "GrowingLayer"
         assert growing.get_seq_length() == default.get_seq_length() == 12
         assert growing.layers[0].keys.shape[-2] > 12  # spare slots exist and were masked
+
+
+def test_grouped_query_model_generates_as_transformers(tiny_model_dir):
+    """A model with grouped-query heads (2 KV heads for 4 query heads) and one-token prompts: the
+    decode path (matmul attention, spare-capacity cache) gives transformers' greedy answers in fp32."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import tell.generate as generate
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, initializer_range=0.3)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    cfg = GenerateConfig(greedy=True)
+    for prompts in ([[5], [9]], [[5, 6, 7], [8, 9], [10, 11, 12, 13]]):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            with generate.cached_attention(model):
+                mine = generate.decode_batch(model, ids, mask, cfg, 6, tok.eos_token_id)
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **generate.sampling_kwargs(cfg))[:, width:].tolist()
+        ref = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in ref]
+        assert mine == ref

@@ -188,6 +188,8 @@ def test_report_verb_renders_a_compare_directory_and_refuses_others(tmp_path, ca
     assert "<table>" in (tmp_path / "report.html").read_text() and (tmp_path / "compare.png").is_file()
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path), "--metric", "label_f1"]) == 2
+    assert "applies to sweeps" in capsys.readouterr().err
 
 
 def test_task_tokens_draws_the_fewest_rows_of_the_seeded_draw_reaching_the_budget(tiny_model_dir, tmp_path):
@@ -219,4 +221,8 @@ def test_task_tokens_draws_the_fewest_rows_of_the_seeded_draw_reaching_the_budge
 def test_a_short_flag_sweep_does_not_take_points_to_its_dotted_form(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("grid:\n  - {method: [base]}\n")
     assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), "--model", "x", "--status"]) == 2
-    assert "--model.name" in capsys.readouterr().err
+    assert "--model.name VALUE" in capsys.readouterr().err
+    assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), "--greedy", "--status"]) == 2
+    assert "--generate.greedy true" in capsys.readouterr().err
+    assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), "--seed", "3", "--status"]) == 2
+    assert "--mix.seed VALUE --train.seed VALUE --generate.seed VALUE" in capsys.readouterr().err

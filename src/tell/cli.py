@@ -212,9 +212,10 @@ def dotted_overrides(extra: list[str]) -> dict[str, str]:
             import difflib
             known = {**SHORT_FLAGS, **EVAL_FLAGS}
             if arg.partition("=")[0] in known:  # a real flag, but not one of this verb's short flags
-                dotted = known[arg.partition("=")[0]][0][0]
+                keys, options = known[arg.partition("=")[0]]
+                value = " true" if options.get("action") == "store_true" else " VALUE"
                 raise TellInputError(f"unrecognised argument {arg!r} here; give the config field as a dotted "
-                                     f"flag: --{dotted}")
+                                     f"flag: {' '.join(f'--{k}{value}' for k in keys)}")
             close = difflib.get_close_matches(arg, list(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else " (see --help)"
             raise TellInputError(f"unrecognised argument {arg!r}{hint}")

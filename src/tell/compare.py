@@ -21,6 +21,7 @@ from tell.config import RunConfig, config_dict, dump_config
 from tell.anchor import resolve_anchor_text
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
                              staged_output, task_from_config, test_rows_from_config)
+from tell.generate import usable_backend
 from tell.model import cache_dir
 
 DEFAULT_ANCHORS = {
@@ -109,6 +110,7 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
     default_anchor(cfg, task)
     announce(cfg)
     check_output(cfg.out, overwrite)
+    cfg.generate.backend = usable_backend(cfg.generate.backend)  # before any arm trains
     arms = [a.strip() for a in cfg.compare.arms.split(",") if a.strip()]
     inputs = arm_inputs(cfg, task)  # validates all input before training
     results, timings = {}, {}
@@ -255,6 +257,7 @@ def run_cell(cfg: RunConfig) -> dict:
     """
     task = task_from_config(cfg)
     default_anchor(cfg, task)
+    cfg.generate.backend = usable_backend(cfg.generate.backend)
     arm = cfg.compare.arms.strip()
     needs_rows = arm in TRAINED_ARMS or (arm == "base-anchor" and cfg.anchor.mode == "self-instruct")
     inputs = arm_inputs(cfg, task, tell_steps=arm == "sft-matched", task_rows=needs_rows)

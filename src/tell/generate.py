@@ -191,31 +191,41 @@ def _cached_matmul_attention(module, query, key, value, attention_mask, dropout=
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = probs.view(batch, kv_heads, groups * q_len, k_len) @ value
-    return out.view(batch, kv_heads, groups, q_len, dim).permute(0, 3, 1, 2, 4).reshape(batch, q_len, heads, dim), None
+    value_dim = value.shape[-1]  # may differ from the query/key head size (MLA-style models)
+    out = out.view(batch, kv_heads, groups, q_len, value_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, heads, value_dim), None
+
+
+def switches_attention(model) -> bool:
+    """Return True when `cached_attention` reroutes this model: an SDPA model that takes attention through
+    HF's attention interface."""
+    return (getattr(model.config, "_attn_implementation", None) in ("sdpa", CACHED_ATTENTION)
+            and getattr(type(model), "_supports_attention_backend", False))
 
 
 class cached_attention:
     """Context: the model's attention goes through _cached_matmul_attention (SDPA-style boolean masks).
 
-    Only models that route attention through HF's attention interface with SDPA are switched; others keep
-    their own attention.
+    Only models for which `switches_attention` holds are switched; others keep their own attention.
     """
 
     def __init__(self, model):
-        self.model_type, self.config = type(model), model.config
-        self.previous = getattr(self.config, "_attn_implementation", None)
+        self.model, self.switched = model, False
 
     def __enter__(self):
-        if self.previous == "sdpa" and getattr(self.model_type, "_supports_attention_backend", False):
+        if switches_attention(self.model) and self.model.config._attn_implementation == "sdpa":
             from transformers import AttentionInterface
             from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
             AttentionInterface.register(CACHED_ATTENTION, _cached_matmul_attention)
             AttentionMaskInterface.register(CACHED_ATTENTION, sdpa_mask)
-            self.config._attn_implementation = CACHED_ATTENTION
+            self.model.config._attn_implementation = CACHED_ATTENTION
+            self.switched = True
         return self
 
     def __exit__(self, *exc):
-        self.config._attn_implementation = self.previous
+        if self.switched:  # the setter rewrites sub-configs too: touch it only if we changed it
+            self.model.config._attn_implementation = "sdpa"
+            self.switched = False
         return False
 
 
@@ -242,7 +252,9 @@ def _growing_layer_class():
             needed = self._length + query_length
             if self.is_initialized and self.keys.numel() and needed <= self.keys.shape[-2]:
                 return self.keys.shape[-2]
-            return needed + (self.SPARE if query_length == 1 else 0)  # a prompt is read with no spare slots
+            # No spare slots for a prompt, nor for a layer's first write: the mask of the call that creates the
+            # layer is sized before the layer exists (query length only).
+            return needed + (self.SPARE if query_length == 1 and self._length else 0)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -282,12 +294,13 @@ def _growing_layer_class():
 
 def new_cache(model):
     """Return an empty KV cache for generation: growing in place for plain full-attention models on CPU,
-    the model's default (None) for sliding-window or hybrid ones and on GPUs (where SDPA kernels with a
-    causal mask are what transformers tunes for)."""
+    the model's default (None) for sliding-window or hybrid ones, for models `cached_attention` does not
+    switch, and on GPUs (where SDPA kernels with a causal mask are what transformers tunes for)."""
     from transformers.cache_utils import DynamicCache
     config = model.config.get_text_config(decoder=True)
-    if next(model.parameters()).device.type != "cpu" or getattr(config, "sliding_window", None) or set(getattr(config, "layer_types", None) or ["full_attention"]) \
-            != {"full_attention"}:
+    full_attention = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    if (next(model.parameters()).device.type != "cpu" or getattr(config, "sliding_window", None)
+            or not full_attention or not switches_attention(model)):
         return None
     cache = DynamicCache()
     cache.layer_class_to_replicate = _growing_layer_class()

@@ -400,10 +400,10 @@ def write_sweep_report(out: str | Path, metric: str | None = None) -> Path:
     settings = {**config_dict(RunConfig().sweep), **(json.loads(stored["value"]) if stored else {})}
     records = result_rows(out)
     if metric and metric != settings["metric"]:
-        missing = [r["label"] for r in records if metric != "score" and not isinstance(r["metrics"].get(metric),
-                                                                                      (int, float))]
+        numeric = [{k for k, v in r["metrics"].items() if isinstance(v, (int, float))} for r in records]
+        missing = [r["label"] for r, keys in zip(records, numeric) if metric != "score" and metric not in keys]
         if missing:
-            known = sorted(k for k, v in records[0]["metrics"].items() if isinstance(v, (int, float))) if records else []
+            known = sorted(numeric[0])
             raise TellInputError(f"--metric {metric!r} is not a number in the metrics of {len(missing)} cell(s) "
                                  f"(e.g. {missing[0]}); known: {', '.join(known)}", db_path(out))
         return render_sweep_report(records, sweep_status(out), Path(out) / f"by-{metric}", metric,
@@ -418,5 +418,8 @@ def render_report(directory: str | Path, metric: str | None = None) -> Path:
     if db_path(directory).is_file():
         return write_sweep_report(directory, metric)
     if (directory / "results.json").is_file():
+        if metric:
+            raise TellInputError("--metric applies to sweeps; a compare report shows every metric already",
+                                 directory)
         return rerender_compare_report(directory)
     raise TellInputError("not a sweep directory (sweep.sqlite) nor a compare directory (results.json)", directory)
