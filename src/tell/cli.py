@@ -210,9 +210,9 @@ def dotted_overrides(extra: list[str]) -> dict[str, str]:
         arg = extra[i]
         if not arg.startswith("--") or "." not in arg:
             import difflib
-            known = {**SHORT_FLAGS, **EVAL_FLAGS}
-            if arg.partition("=")[0] in known:  # a real flag, but not one of this verb's short flags
-                keys, options = known[arg.partition("=")[0]]
+            known, name = {**SHORT_FLAGS, **EVAL_FLAGS}, arg.partition("=")[0]
+            if name in known:  # a real flag, but not one of this verb's short flags
+                keys, options = known[name]
                 value = " true" if options.get("action") == "store_true" else " VALUE"
                 raise TellInputError(f"unrecognised argument {arg!r} here; give the config field as a dotted "
                                      f"flag: {' '.join(f'--{k}{value}' for k in keys)}")

@@ -6,6 +6,7 @@ left-padded, decoding uses the KV cache and stops at EOS.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from tell.anchor import anchored_messages
 from tell.config import GenerateConfig, ModelConfig, RunConfig, config_from_dict
 from tell.data import TellInputError
 from tell.mix import render_prompt
-from tell.model import autocast_dtype, load_model, pick_device, resolve_model_path
+from tell.model import attention_routed, autocast_dtype, load_model, pick_device, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,28 @@ def _paths_only(run_dir, model_cfg: ModelConfig) -> LoadedRun:
 def usable_backend(name: str) -> str:
     """Return the backend to generate with: `name`, or 'transformers' (said on stderr) when 'vllm' is asked
     for and does not import here. Both give the same metrics; vLLM is only faster on a GPU."""
-    if name != "vllm":
+    if name != "vllm" or _vllm_imports():
         return name
+    import sys
+    print("[tell] --backend vllm: the 'vllm' package does not import on this machine (it needs a GPU: "
+          "pip install vllm); generating with the transformers backend instead", file=sys.stderr, flush=True)
+    return "transformers"
+
+
+def _vllm_imports() -> bool:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        import sys
-        print("[tell] --backend vllm: the 'vllm' package does not import on this machine (it needs a GPU: "
-              "pip install vllm); generating with the transformers backend instead", file=sys.stderr, flush=True)
-        return "transformers"
-    return name
+        return False
+    return True
 
 
 def check_vllm() -> None:
     """Raise a clear error when the vLLM backend is asked for but `vllm` does not import."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    if not _vllm_imports():
         raise TellInputError("--backend vllm needs the 'vllm' package (a GPU machine: pip install vllm); "
                              "the default backend 'transformers' works everywhere", None, None,
-                             "generate.backend") from None
+                             "generate.backend")
 
 
 def _for_inference(model, cfg: ModelConfig):
@@ -203,30 +206,14 @@ def switches_attention(model) -> bool:
             and getattr(type(model), "_supports_attention_backend", False))
 
 
-class cached_attention:
-    """Context: the model's attention goes through _cached_matmul_attention (SDPA-style boolean masks).
-
-    Only models for which `switches_attention` holds are switched; others keep their own attention.
-    """
-
-    def __init__(self, model):
-        self.model, self.switched = model, False
-
-    def __enter__(self):
-        if switches_attention(self.model) and self.model.config._attn_implementation == "sdpa":
-            from transformers import AttentionInterface
-            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-            AttentionInterface.register(CACHED_ATTENTION, _cached_matmul_attention)
-            AttentionMaskInterface.register(CACHED_ATTENTION, sdpa_mask)
-            self.model.config._attn_implementation = CACHED_ATTENTION
-            self.switched = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.switched:  # the setter rewrites sub-configs too: touch it only if we changed it
-            self.model.config._attn_implementation = "sdpa"
-            self.switched = False
-        return False
+def cached_attention(model):
+    """Return a context in which the model's attention goes through _cached_matmul_attention (SDPA-style
+    boolean masks), for models where `switches_attention` holds; for others, a context that changes nothing
+    (the config setter rewrites sub-configs too, so it is left alone)."""
+    if switches_attention(model) and model.config._attn_implementation == "sdpa":
+        from transformers.masking_utils import sdpa_mask
+        return attention_routed(model.config, CACHED_ATTENTION, _cached_matmul_attention, sdpa_mask)
+    return contextlib.nullcontext()
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,3 +135,20 @@ def context_length(model_or_config) -> int:
     """Return the model's maximum sequence length in tokens."""
     config = getattr(model_or_config, "config", model_or_config)
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+@contextmanager
+def attention_routed(config, name: str, function, mask_function=None):
+    """Context: the model of `config` runs its attention through `function`, registered in HF's attention
+    interface as `name`, and builds its masks with `mask_function` (without one HF builds no mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(name, function)
+    if mask_function is not None:
+        AttentionMaskInterface.register(name, mask_function)
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

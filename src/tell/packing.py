@@ -168,20 +168,15 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 def _packed_token_losses(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """token_losses of a collate_packed batch: one padding-free row, attention kept within each row."""
-    from transformers import AttentionInterface
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+    from tell.model import attention_routed
     bounds = batch["cu_seq_lens_q"]
     labels = batch["labels"][0]
     targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])  # position t predicts token t+1
     where = targets != IGNORE
     config, decoder = causal_lm.config, getattr(causal_lm, causal_lm.base_model_prefix)
-    previous = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION  # unknown to HF's mask builders: no mask is built
-    try:
+    with attention_routed(config, PACKED_ATTENTION, _packed_sdpa):  # no mask function: no mask is built
         hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                          cu_seq_lens_q=bounds).last_hidden_state[0]
-    finally:
-        config._attn_implementation = previous
     head = causal_lm.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         losses = _HeadCrossEntropy.apply(hidden[where], head.weight, targets[where])

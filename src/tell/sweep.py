@@ -399,16 +399,21 @@ def write_sweep_report(out: str | Path, metric: str | None = None) -> Path:
     conn.close()
     settings = {**config_dict(RunConfig().sweep), **(json.loads(stored["value"]) if stored else {})}
     records = result_rows(out)
-    if metric and metric != settings["metric"]:
-        numeric = [{k for k, v in r["metrics"].items() if isinstance(v, (int, float))} for r in records]
-        missing = [r["label"] for r, keys in zip(records, numeric) if metric != "score" and metric not in keys]
-        if missing:
-            known = sorted(numeric[0])
-            raise TellInputError(f"--metric {metric!r} is not a number in the metrics of {len(missing)} cell(s) "
-                                 f"(e.g. {missing[0]}); known: {', '.join(known)}", db_path(out))
-        return render_sweep_report(records, sweep_status(out), Path(out) / f"by-{metric}", metric,
-                                   settings["resamples"])
-    return render_sweep_report(records, sweep_status(out), Path(out), settings["metric"], settings["resamples"])
+    if not metric or metric == settings["metric"]:
+        return render_sweep_report(records, sweep_status(out), Path(out), settings["metric"], settings["resamples"])
+    _require_metric(records, metric, db_path(out))
+    return render_sweep_report(records, sweep_status(out), Path(out) / f"by-{metric}", metric, settings["resamples"])
+
+
+def _require_metric(records: list[dict], metric: str, path: Path) -> None:
+    """Raise unless every finished cell has `metric` as a number ('score' every cell has)."""
+    def numbers(metrics: dict) -> set[str]:
+        return {k for k, v in metrics.items() if isinstance(v, (int, float))}
+    missing = [r["label"] for r in records if metric != "score" and metric not in numbers(r["metrics"])]
+    if missing:
+        raise TellInputError(f"--metric {metric!r} is not a number in the metrics of {len(missing)} cell(s) "
+                             f"(e.g. {missing[0]}); known: {', '.join(sorted(numbers(records[0]['metrics'])))}",
+                             path)
 
 
 def render_report(directory: str | Path, metric: str | None = None) -> Path:
