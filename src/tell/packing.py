@@ -87,25 +87,44 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return torch.cat(outputs, dim=1), None
 
 
-# Rows up to this length use plain matmul attention: on the 2-core CPU the SDPA flash kernel's forward +
-# backward costs 4.0 ms at 256 tokens vs 2.1 ms for matmuls + softmax (13 vs 11 ms at 512, 40 vs 69 at 1024).
-SHORT_ROW = 512
+# Rows up to this length use matmul attention: on the 2-core CPU its forward + backward (bf16, 9 query and
+# 3 KV heads of 64) takes 0.6 / 1.6 / 5.9 ms at 150 / 300 / 600 tokens vs 2.8 / 5.8 / 17.5 ms for the SDPA flash
+# kernel; they meet near 800 tokens, and past that the flash kernel also keeps less memory.
+SHORT_ROW = 768
 
 
 def _matmul_causal_attention(query, key, value, scaling: float) -> torch.Tensor:
     """Causal attention of one row by matmuls; returns (1, seq, heads, head_dim).
 
-    Runs in the inputs' dtype outside autocast, so that backward keeps one seq×seq tensor per head in bf16
-    (the softmax output, which the kernel computes with fp32 accumulation) instead of fp32 + bf16 copies.
+    The query heads sharing a KV head are stacked into one matmul (no K/V repeat for grouped-query
+    attention), and scaling and the causal mask enter through one ``baddbmm`` (no masked copy, nothing
+    to undo in backward). It runs in the inputs' dtype outside autocast, so that backward keeps one
+    seq×seq tensor per head in bf16 (the softmax output, computed with fp32 accumulation).
     """
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    _, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
     with torch.autocast(query.device.type, enabled=False):
-        scores = (query @ key.transpose(-1, -2)) * scaling
-        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return (probs @ value).transpose(1, 2)
+        stacked = query.reshape(kv_heads, groups * seq, dim)
+        scores = torch.baddbmm(_causal_bias(seq, groups, query.dtype, query.device), stacked,
+                               key[0].transpose(-1, -2), alpha=scaling)
+        out = torch.bmm(torch.softmax(scores, dim=-1), value[0])
+        return out.view(1, heads, seq, value.shape[-1]).transpose(1, 2)
+
+
+_BIASES: dict = {}
+
+
+def _causal_bias(seq: int, groups: int, dtype, device) -> torch.Tensor:
+    """Return the additive causal mask (0 on and below the diagonal, −inf above) for `groups` stacked
+    query heads: (groups·seq, seq), built once per length (at most 256 kept)."""
+    key = (seq, groups, dtype, device)
+    if key not in _BIASES:
+        if len(_BIASES) >= 256:
+            _BIASES.clear()
+        future = torch.full((seq, seq), float("-inf"), dtype=dtype, device=device).triu(1)
+        _BIASES[key] = future.repeat(groups, 1)
+    return _BIASES[key]
 
 
 def can_pack(model) -> bool:
@@ -192,24 +211,46 @@ class _HeadCrossEntropy(torch.autograd.Function):
     The gradient with respect to ``hidden`` is computed chunk by chunk in the forward pass (softmax − one-hot,
     times the head), so no (labels × vocabulary) logits tensor outlives its chunk: with a 49k vocabulary
     that saves ~14 bytes × 49k per labelled token (400 MB for a 600-label micro-batch) at the same FLOPs.
+    The chunk's logits and log-probabilities live in buffers kept between calls: fresh 25–50 MB tensors
+    each chunk cost more in page faults than the softmax itself (PERFORMANCE.md).
     """
 
-    CHUNK = 256
+    CHUNK = 128
+    _buffers: dict = {}
+
+    @staticmethod
+    def _buffer(name: str, rows: int, columns: int, dtype, device) -> torch.Tensor:
+        key = (name, _HeadCrossEntropy.CHUNK, columns, dtype, device)
+        if key not in _HeadCrossEntropy._buffers:
+            _HeadCrossEntropy._buffers[key] = torch.empty(key[1], columns, dtype=dtype, device=device)
+        return _HeadCrossEntropy._buffers[key][:rows]
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         hidden = hidden.to(weight.dtype)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, hidden.shape[0], _HeadCrossEntropy.CHUNK):
-            part = slice(start, start + _HeadCrossEntropy.CHUNK)
-            logits = (hidden[part] @ weight.T).float()
-            logsumexp = logits.logsumexp(dim=-1)
-            losses[part] = logsumexp - logits.gather(1, targets[part, None])[:, 0]
-            if grads is not None:
-                probs = logits.sub_(logsumexp[:, None]).exp_()
-                probs[torch.arange(probs.shape[0], device=probs.device), targets[part]] -= 1
-                grads[part] = probs.to(weight.dtype) @ weight
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], _HeadCrossEntropy.CHUNK):
+                part = slice(start, start + _HeadCrossEntropy.CHUNK)
+                rows, wanted = hidden[part].shape[0], targets[part, None]
+                logits = _HeadCrossEntropy._buffer("logits", rows, weight.shape[0], weight.dtype, hidden.device)
+                torch.mm(hidden[part], weight.T, out=logits)
+                # Every op below writes into a kept buffer: dtype-converting out= variants and logsumexp
+                # allocate full-size temporaries.
+                scores = logits if logits.dtype == torch.float32 else _HeadCrossEntropy._buffer(
+                    "scores", rows, weight.shape[0], torch.float32, hidden.device).copy_(logits)
+                logp = _HeadCrossEntropy._buffer("logp", rows, weight.shape[0], torch.float32, hidden.device)
+                torch.log_softmax(scores, dim=-1, out=logp)
+                target_logp = logp.gather(1, wanted)[:, 0]
+                losses[part] = -target_logp
+                if grads is not None:
+                    probs = logp.exp_()
+                    # p − 1 at the target from the fp32 log-probability: rounding p to bf16 first would zero
+                    # the gradient of every token predicted with p > 0.998.
+                    probs.scatter_(1, wanted, (target_logp.exp() - 1)[:, None])
+                    torch.mm(probs if logits.dtype == torch.float32 else logits.copy_(probs), weight,
+                             out=grads[part])
         ctx.save_for_backward(grads)
         return losses
 
