@@ -5,6 +5,7 @@ labels=...).loss`` — exactly in fp32, within bf16 tolerance in bf16 — and so
 Timings live in benchmarks/, not here."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,22 @@ def tell_loss(model, rows, autocast=None, max_tokens=10**6):
     return total / count
 
 
+@contextmanager
+def pefts_own_forward(model):
+    """Context: the LoRA layers run PEFT's forward (the fused one add_lora installs taken off)."""
+    fused = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for module, forward in fused.items():
+            module.forward = forward
+
+
 def plain_peft_loss(model, rows, pad_id):
     batch = collate(rows, pad_id, torch.device("cpu"))
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    with pefts_own_forward(model):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
 
 
 def lora_grads(model):
@@ -122,10 +136,69 @@ def test_sparse_dropout_has_nn_dropouts_distribution():
     assert torch.equal(layer.eval()(x), x)
 
 
-def test_add_lora_uses_sparse_dropout(tiny_model):
+def test_add_lora_uses_sparse_dropout_and_fused_layers(tiny_model):
     model = add_lora(tiny_model, TrainConfig())
     kinds = {type(m).__name__ for m in model.modules()}
     assert "SparseDropout" in kinds and "Dropout" not in kinds
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all("forward" in m.__dict__ for m in lora_layers)
+
+
+def _lora_linear(bias: bool, p: float):
+    """Return a PEFT LoRA layer around a Linear(12 → 10), B non-zero, routed through the fused forward."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from tell.fused_lora import fuse_lora_layers
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(12, 10, bias=bias)
+    holder = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["proj"]), holder)
+    holder.proj.lora_B["default"].weight.data.normal_(0, 0.3)
+    for param in holder.proj.base_layer.parameters():
+        param.requires_grad_(False)
+    assert fuse_lora_layers(holder) == 1
+    return holder.proj
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_layer_equals_the_lora_formula_with_its_dropped_positions(bias, monkeypatch):
+    """Output and gradients (x, A, B) of the fused layer in training equal base(x) + s·B A (x·mask/(1−p))
+    for the positions it drops; p = 0.3 so that many are dropped."""
+    import tell.fused_lora
+    layer = _lora_linear(bias, 0.3).train()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    dropped = torch.tensor([0, 5, 13, 50, 51, 140, 167])
+    monkeypatch.setattr(tell.fused_lora, "dropped_positions", lambda numel, p, device: dropped)
+    got = layer(x)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (x, layer.lora_A["default"].weight,
+                                                          layer.lora_B["default"].weight))
+    keep = torch.ones(x.numel())
+    keep[dropped] = 0
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x) + (x * keep.view(x.shape) / 0.7) @ a.T @ b.T * layer.scaling["default"]
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, a, b))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_layer_equals_pefts_forward_in_eval_and_leaves_merged_layers_to_peft():
+    layer = _lora_linear(True, 0.1).eval()
+    x = torch.randn(3, 12)
+    fused = layer(x)
+    with pefts_own_forward(layer):
+        torch.testing.assert_close(fused, layer(x), rtol=1e-5, atol=1e-6)
+    layer.merge()
+    torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)  # merged: PEFT's path, base only
+
+
+def test_fused_lora_dropout_has_nn_dropouts_distribution():
+    from tell.fused_lora import dropped_positions
+    torch.manual_seed(0)
+    hit = torch.zeros(400_000)
+    hit[dropped_positions(hit.numel(), 0.05, "cpu")] = 1
+    assert abs(hit.mean().item() - 0.05) < 0.002  # 6 standard deviations, as for SparseDropout
+    assert dropped_positions(10, 0.0, "cpu") is None
 
 
 def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradient(monkeypatch):

@@ -24,6 +24,7 @@ import torch
 from tell.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint, trim_log
 from tell.config import TrainConfig
 from tell.data import TellInputError
+from tell.fused_lora import fuse_lora_layers
 from tell.mix import Mix, encode_examples
 from tell.packing import (_causal_lm, _Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
                           micro_batches, packed_micro_batches, token_losses)
@@ -71,7 +72,8 @@ def add_lora(model, cfg: TrainConfig):
         peft_model = get_peft_model(model, lora)
     except ValueError as err:
         raise TellInputError(f"cannot add LoRA: {err}", None, None, "train.target_modules") from None
-    _sparse_lora_dropout(peft_model)
+    _sparse_lora_dropout(peft_model)  # for any layer the fused path leaves to PEFT
+    fuse_lora_layers(peft_model)
     return peft_model
 
 
