@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps of tell and fast TRL (0 = all)")
     parser.add_argument("--default-steps", type=int, default=4,
                         help="optimizer steps of the slow TRL default (the first steps of the same mix)")
-    parser.add_argument("--micro-batch-tokens", type=int, default=512)
+    parser.add_argument("--micro-batch-tokens", type=int, default=768)
     parser.add_argument("--worker", choices=["tell", "trl_fast", "trl_default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:

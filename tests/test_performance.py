@@ -234,15 +234,15 @@ def test_chunked_head_keeps_the_gradient_of_confident_tokens_in_bf16():
     torch.testing.assert_close(grad, expected_grad, rtol=0.05, atol=expected_grad.abs().max().item() * 0.05)
 
 def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
-    """The short-row training attention (query heads stacked per KV head, no K/V repeat) gives causal SDPA's
-    output and gradients for grouped-query attention, in fp32."""
-    import torch
+    """The short-row training attention (query heads stacked per KV head, no K/V repeat, scale and mask in
+    one baddbmm) gives causal SDPA's output and gradients for grouped-query attention, in fp32; the inputs
+    are transposed views, as in the model."""
     import torch.nn.functional as F
     from tell.packing import _matmul_causal_attention
     torch.manual_seed(0)
-    query = torch.randn(1, 6, 9, 8, requires_grad=True)
-    key = torch.randn(1, 2, 9, 8, requires_grad=True)
-    value = torch.randn(1, 2, 9, 8, requires_grad=True)
+    query = torch.randn(1, 9, 6, 8).transpose(1, 2).requires_grad_()
+    key = torch.randn(1, 9, 2, 8).transpose(1, 2).requires_grad_()
+    value = torch.randn(1, 9, 2, 8).transpose(1, 2).requires_grad_()
     mine = _matmul_causal_attention(query, key, value, 0.35)
     ref = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
                                          is_causal=True, scale=0.35).transpose(1, 2)

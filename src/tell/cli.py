@@ -38,7 +38,7 @@ SHORT_FLAGS = {
     "--report-to": (("train.report_to",), {"help": "none, tensorboard, wandb, mlflow"}),
     "--save-every": (("train.save_every",), {"type": int, "help": "checkpoint every N steps (20; 0 = never)"}),
     "--micro-batch-tokens": (("train.micro_batch_tokens",), {"type": int, "help": "tokens per forward pass "
-                             "(512; the gradient is the same, larger is faster where memory allows)"}),
+                             "(768; the gradient is the same, larger is faster where memory allows)"}),
     "--max-new-tokens": (("generate.max_new_tokens",), {"type": int, "help": "new tokens per answer"}),
     "--backend": (("generate.backend",), {"help": "generation backend: transformers (default) or vllm (GPU)"}),
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),

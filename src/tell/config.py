@@ -100,9 +100,9 @@ class TrainConfig:
     """Linear warmup as a fraction of optimizer steps [paper]."""
     batch_size: int = 16
     """Rows per optimizer step (effective batch) [paper]."""
-    micro_batch_tokens: int = 512
+    micro_batch_tokens: int = 768
     """Tokens per micro-batch (packed rows, no padding; padded size on the fallback path); a batch is split
-    into length-sorted micro-batches (same gradient). 512 keeps the 135M model's training under 3 GiB."""
+    into length-sorted micro-batches (same gradient). 768 keeps the 135M model's training under 3 GiB."""
     epochs: int = 1
     """Passes over the mix [paper]."""
     seed: int = 42

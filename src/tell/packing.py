@@ -215,7 +215,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     each chunk cost more in page faults than the softmax itself (PERFORMANCE.md).
     """
 
-    CHUNK = 128
+    CHUNK = 256
     _buffers: dict = {}
 
     @staticmethod
@@ -236,16 +236,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 rows, wanted = hidden[part].shape[0], targets[part, None]
                 logits = _HeadCrossEntropy._buffer("logits", rows, weight.shape[0], weight.dtype, hidden.device)
                 torch.mm(hidden[part], weight.T, out=logits)
-                # Every op below writes into a kept buffer: dtype-converting out= variants and logsumexp
-                # allocate full-size temporaries.
-                scores = logits if logits.dtype == torch.float32 else _HeadCrossEntropy._buffer(
-                    "scores", rows, weight.shape[0], torch.float32, hidden.device).copy_(logits)
-                logp = _HeadCrossEntropy._buffer("logp", rows, weight.shape[0], torch.float32, hidden.device)
-                torch.log_softmax(scores, dim=-1, out=logp)
-                target_logp = logp.gather(1, wanted)[:, 0]
+                # In place in kept buffers: logsumexp and dtype-converting out= variants allocate full-size
+                # temporaries, and fresh 25–50 MB tensors cost page faults on every chunk.
+                probs = logits if logits.dtype == torch.float32 else _HeadCrossEntropy._buffer(
+                    "probs", rows, weight.shape[0], torch.float32, hidden.device).copy_(logits)
+                target_logits = probs.gather(1, wanted)[:, 0]
+                top = probs.amax(dim=-1, keepdim=True)
+                total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                target_logp = target_logits - top[:, 0] - total[:, 0].log()
                 losses[part] = -target_logp
                 if grads is not None:
-                    probs = logp.exp_()
+                    probs.div_(total)
                     # p − 1 at the target from the fp32 log-probability: rounding p to bf16 first would zero
                     # the gradient of every token predicted with p > 0.998.
                     probs.scatter_(1, wanted, (target_logp.exp() - 1)[:, None])
