@@ -261,13 +261,23 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grads * grad_losses[:, None].to(grads.dtype), None, None
 
 
-class SparseDropout(torch.nn.Module):
-    """Dropout with the exact distribution of nn.Dropout(p) that draws ~p·n random numbers instead of n.
+def dropped_positions(numel: int, p: float, device) -> torch.Tensor | None:
+    """Return flat indices to zero for dropout(p) on `numel` elements, or None when p == 0.
 
-    Each of k ~ Poisson(-n·ln(1-p)) uniform draws zeroes one element; by Poisson splitting each element is
-    hit independently with probability 1 - e^{ln(1-p)} = p. On the 2-core CPU, nn.Dropout's n draws cost
-    as much as the LoRA layer's base matmul (2.3 ms for a 1024×576 input); this costs ~0.2 ms.
+    k ~ Poisson(−n·ln(1−p)) uniform draws: by Poisson splitting each element is hit independently with
+    probability 1 − e^{ln(1−p)} = p, exactly nn.Dropout's law, for ~p·n random numbers instead of n. On the
+    2-core CPU, nn.Dropout's n draws cost as much as the LoRA layer's base matmul (2.3 ms for a 1024×576
+    input); this costs ~0.2 ms.
     """
+    if p <= 0:
+        return None
+    draws = int(torch.poisson(torch.tensor(-math.log1p(-p) * numel, dtype=torch.float64)))
+    return torch.randint(numel, (draws,), device=device)
+
+
+class SparseDropout(torch.nn.Module):
+    """Dropout with the exact distribution of nn.Dropout(p), drawing ~p·n random numbers instead of n
+    (see dropped_positions)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -276,10 +286,8 @@ class SparseDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        draws = int(torch.poisson(torch.tensor(-math.log1p(-self.p) * n, dtype=torch.float64)))
-        keep = torch.full((n,), 1.0 / (1.0 - self.p), dtype=x.dtype, device=x.device)
-        keep[torch.randint(n, (draws,), device=x.device)] = 0
+        keep = torch.full((x.numel(),), 1.0 / (1.0 - self.p), dtype=x.dtype, device=x.device)
+        keep[dropped_positions(x.numel(), self.p, x.device)] = 0
         return x * keep.view(x.shape)
 
     def extra_repr(self) -> str:

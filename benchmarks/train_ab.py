@@ -1,0 +1,95 @@
+"""Benchmark: paired A/B of training settings inside one process, for gains smaller than the machine's noise.
+
+On the shared 2-core CPU, two runs of the same code differ by up to ±10% (and by 2x over minutes), so a 5%
+change cannot be read off two separate runs. Here every optimizer batch of the benchmark mix (the one
+``train_throughput.py`` uses) is trained once under each setting, in an order that alternates from batch to
+batch, and each setting's tokens/s is summed over the same batches. Prints one JSON object.
+
+A setting is a name and the values it assigns: ``module.ATTR`` (a module attribute, e.g.
+``tell.packing.SHORT_ROW``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (a TrainConfig field):
+
+    python benchmarks/train_ab.py --steps 6 \\
+        --setting 'mb512={"cfg.micro_batch_tokens": 512}' --setting 'mb768={"cfg.micro_batch_tokens": 768}'
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import warnings
+from pathlib import Path
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    name, _, values = text.partition("=")
+    if not name or not values:
+        raise SystemExit(f"--setting wants NAME={{json}}, got {text!r}")
+    return name, json.loads(values)
+
+
+def apply(values: dict, cfg) -> None:
+    """Assign each value to its config field, module attribute or class attribute."""
+    for path, value in values.items():
+        if path.startswith("cfg."):
+            setattr(cfg, path[4:], value)
+            continue
+        parts = path.split(".")
+        for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+            try:
+                owner = importlib.import_module(".".join(parts[:split]))
+                break
+            except ModuleNotFoundError:
+                continue
+        else:
+            raise SystemExit(f"no module in {path!r}")
+        for attr in parts[split:-1]:
+            owner = getattr(owner, attr)
+        if not hasattr(owner, parts[-1]):
+            raise SystemExit(f"{path!r} does not exist")
+        setattr(owner, parts[-1], value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", action="append", required=True, help="NAME={json}; give two or more")
+    parser.add_argument("--steps", type=int, default=6, help="batches, each trained once per setting")
+    parser.add_argument("--task-rows", type=int, default=15)
+    parser.add_argument("--ratio", default="3")
+    args = parser.parse_args()
+    settings = dict(parse_setting(s) for s in args.setting)
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+    from train_throughput import build_mix
+    from tell.config import ModelConfig, TrainConfig
+    from tell.model import load_model
+    from tell.train import _train_step, add_lora, epoch_batches, training_rows
+    warnings.simplefilter("ignore")
+    model, tokenizer = load_model(ModelConfig(device="cpu"))
+    cfg = TrainConfig()
+    rows = training_rows(tokenizer, build_mix(args.task_rows, args.ratio, tokenizer), 10**9)
+    batches = epoch_batches(rows, cfg.batch_size, 1, cfg.seed)
+    model = add_lora(model.to(torch.bfloat16), cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+
+    def step(batch) -> int:
+        return _train_step(model, batch, cfg, tokenizer.pad_token_id, torch.device("cpu"), torch.bfloat16,
+                           params, optimizer)["tokens"]
+    step(batches[0])  # warm-up, not counted
+    names, totals = list(settings), {name: [0.0, 0] for name in settings}
+    for i, batch in enumerate(batches[1:args.steps + 1]):
+        for name in names if i % 2 == 0 else names[::-1]:
+            apply(settings[name], cfg)
+            start = time.perf_counter()
+            totals[name][1] += step(batch)
+            totals[name][0] += time.perf_counter() - start
+    print(json.dumps({"benchmark": "train_ab", "steps": min(args.steps, len(batches) - 1),
+                      "tokens_per_s": {name: round(t / s, 1) for name, (s, t) in totals.items()},
+                      "settings": settings}))
+
+
+if __name__ == "__main__":
+    main()
