@@ -5,7 +5,7 @@ change cannot be read off two separate runs. Here every optimizer batch of the b
 ``train_throughput.py`` uses) is trained once under each setting, in an order that alternates from batch to
 batch, and each setting's tokens/s is summed over the same batches. Prints one JSON object.
 
-A setting is a name and the values it assigns: ``module.ATTR`` (a module attribute, e.g.
+A setting is a name and the values it assigns (every other path a setting touches keeps its default): ``module.ATTR`` (a module attribute, e.g.
 ``tell.packing.SHORT_ROW``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (a TrainConfig field):
 
     python benchmarks/train_ab.py --steps 6 \\
@@ -28,26 +28,30 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, json.loads(values)
 
 
-def apply(values: dict, cfg) -> None:
-    """Assign each value to its config field, module attribute or class attribute."""
-    for path, value in values.items():
-        if path.startswith("cfg."):
-            setattr(cfg, path[4:], value)
+def owner_and_name(path: str, cfg):
+    """Return (object, attribute name) that a setting path names."""
+    if path.startswith("cfg."):
+        return cfg, path[4:]
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            owner = importlib.import_module(".".join(parts[:split]))
+            break
+        except ModuleNotFoundError:
             continue
-        parts = path.split(".")
-        for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
-            try:
-                owner = importlib.import_module(".".join(parts[:split]))
-                break
-            except ModuleNotFoundError:
-                continue
-        else:
-            raise SystemExit(f"no module in {path!r}")
-        for attr in parts[split:-1]:
-            owner = getattr(owner, attr)
-        if not hasattr(owner, parts[-1]):
-            raise SystemExit(f"{path!r} does not exist")
-        setattr(owner, parts[-1], value)
+    else:
+        raise SystemExit(f"no module in {path!r}")
+    for attr in parts[split:-1]:
+        owner = getattr(owner, attr)
+    if not hasattr(owner, parts[-1]):
+        raise SystemExit(f"{path!r} does not exist")
+    return owner, parts[-1]
+
+
+def apply(values: dict, defaults: dict, cfg) -> None:
+    """Restore every path any setting touches to its default, then assign this setting's values."""
+    for path, value in (defaults | values).items():
+        setattr(*owner_and_name(path, cfg), value)
 
 
 def main() -> None:
@@ -79,10 +83,11 @@ def main() -> None:
         return _train_step(model, batch, cfg, tokenizer.pad_token_id, torch.device("cpu"), torch.bfloat16,
                            params, optimizer)["tokens"]
     step(batches[0])  # warm-up, not counted
+    defaults = {path: getattr(*owner_and_name(path, cfg)) for values in settings.values() for path in values}
     names, totals = list(settings), {name: [0.0, 0] for name in settings}
     for i, batch in enumerate(batches[1:args.steps + 1]):
         for name in names if i % 2 == 0 else names[::-1]:
-            apply(settings[name], cfg)
+            apply(settings[name], defaults, cfg)
             start = time.perf_counter()
             totals[name][1] += step(batch)
             totals[name][0] += time.perf_counter() - start
