@@ -6,7 +6,11 @@ change cannot be read off two separate runs. Here every optimizer batch of the b
 batch, and each setting's tokens/s is summed over the same batches. Prints one JSON object.
 
 A setting is a name and the values it assigns (every other path a setting touches keeps its default): ``module.ATTR`` (a module attribute, e.g.
-``tell.packing.SHORT_ROW``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (a TrainConfig field):
+``tell.packing.SHORT_ROW``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (one of the TrainConfig
+fields a training step reads: the model, its LoRA layers and the optimizer are built once, before any
+setting applies, and every setting trains the same model in turn, so a batch gets one optimizer step per
+setting; that changes the figures' weights, not the work of a step). A module attribute must be read where
+it is defined, not imported by value elsewhere, or the setting changes nothing.
 
     python benchmarks/train_ab.py --steps 6 \\
         --setting 'mb512={"cfg.micro_batch_tokens": 512}' --setting 'mb768={"cfg.micro_batch_tokens": 768}'
@@ -28,22 +32,31 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, json.loads(values)
 
 
+# TrainConfig fields that tell.train._train_step reads; the others take effect before the first step.
+PER_STEP_FIELDS = ("micro_batch_tokens", "max_grad_norm")
+
+
 def owner_and_name(path: str, cfg):
     """Return (object, attribute name) that a setting path names."""
     if path.startswith("cfg."):
+        if path[4:] not in PER_STEP_FIELDS:
+            raise SystemExit(f"{path!r}: only {', '.join(PER_STEP_FIELDS)} change a step once training runs")
         return cfg, path[4:]
     parts = path.split(".")
     for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        name = ".".join(parts[:split])
         try:
-            owner = importlib.import_module(".".join(parts[:split]))
+            owner = importlib.import_module(name)
             break
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as err:
+            if err.name != name:  # the module exists but an import inside it failed
+                raise
             continue
     else:
         raise SystemExit(f"no module in {path!r}")
     for attr in parts[split:-1]:
-        owner = getattr(owner, attr)
-    if not hasattr(owner, parts[-1]):
+        owner = getattr(owner, attr, None)
+    if owner is None or not hasattr(owner, parts[-1]):
         raise SystemExit(f"{path!r} does not exist")
     return owner, parts[-1]
 

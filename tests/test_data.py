@@ -124,6 +124,14 @@ def test_bad_file_error_names_file_line_and_field(name, line, field, fragment):
         assert info.value.field == field
 
 
+def test_unterminated_string_error_reads_once_at_column(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "cut short\n', encoding="utf-8")
+    with pytest.raises(TellInputError) as info:
+        load_examples(path, "task")
+    assert "cut.jsonl:2: malformed JSON: Unterminated string starting at column 17" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl"])
 def test_empty_file_error_names_the_file(name):
     with pytest.raises(TellInputError, match=rf"{name}: file is empty"):

@@ -192,6 +192,25 @@ def test_fused_lora_layer_equals_pefts_forward_in_eval_and_leaves_merged_layers_
     torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)  # merged: PEFT's path, base only
 
 
+def test_fused_lora_layer_with_a_trainable_base_bias_runs_pefts_forward():
+    """The fused backward gives the base layer no gradient, so a layer whose bias trains (LoRA bias="all")
+    must keep PEFT's forward."""
+    layer = _lora_linear(True, 0.0).train()
+    layer.base_layer.bias.requires_grad_(True)
+    layer(torch.randn(3, 12)).sum().backward()
+    assert layer.base_layer.bias.grad is not None and layer.base_layer.bias.grad.abs().sum() > 0
+
+
+def test_fused_lora_output_takes_in_place_ops_and_transposed_inputs_with_dropout():
+    layer = _lora_linear(False, 0.3).train()
+    x = torch.randn(12, 5).T.requires_grad_()  # (5, 12), not contiguous
+    out = layer(x)
+    out.mul_(2)  # a custom Function's view output would refuse this
+    out.sum().backward()
+    assert x.grad.shape == (5, 12) and torch.isfinite(x.grad).all()
+    assert layer(torch.randn(0, 12)).shape == (0, 10)
+
+
 def test_fused_lora_dropout_has_nn_dropouts_distribution():
     from tell.fused_lora import dropped_positions
     torch.manual_seed(0)
@@ -232,6 +251,21 @@ def test_chunked_head_keeps_the_gradient_of_confident_tokens_in_bf16():
     grad, = torch.autograd.grad(got.sum(), hidden)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected_grad, rtol=0.05, atol=expected_grad.abs().max().item() * 0.05)
+
+def test_causal_bias_cache_stays_under_its_byte_cap(monkeypatch):
+    import tell.packing
+    from collections import OrderedDict
+    monkeypatch.setattr(tell.packing, "_BIASES", OrderedDict())
+    monkeypatch.setattr(tell.packing, "BIAS_CACHE_BYTES", 3 * 100 * 100 * 4)
+    first = tell.packing._causal_bias(100, 3, torch.float32, "cpu")
+    for seq in range(20, 100):
+        bias = tell.packing._causal_bias(seq, 3, torch.float32, "cpu")
+        assert bias.shape == (3 * seq, seq) and bias[seq + 1, 1] == 0 and bias[seq + 1, 2] == float("-inf")
+        kept = sum(b.numel() * b.element_size() for b in tell.packing._BIASES.values())
+        assert kept <= tell.packing.BIAS_CACHE_BYTES
+    assert tell.packing._causal_bias(99, 3, torch.float32, "cpu") is bias  # the latest stays cached
+    assert (tell.packing._causal_bias(100, 3, torch.float32, "cpu") == first).all()
+
 
 def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
     """The short-row training attention (query heads stacked per KV head, no K/V repeat, scale and mask in

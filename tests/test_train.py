@@ -13,7 +13,7 @@ from tell.config import MixConfig, ModelConfig, TrainConfig
 from tell.data import Example, load_examples
 from tell.mix import build_mix
 from tell.model import load_model
-from tell.packing import _Row, collate, micro_batches, token_losses
+from tell.packing import Row, collate, micro_batches, token_losses
 from tell.train import add_lora, epoch_batches, plan_schedule, read_log, train_lora, training_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -87,8 +87,8 @@ def test_saved_adapter_reloads_to_identical_logits(trained, tiny_model_dir, tiny
     assert not torch.allclose(base, expected, atol=1e-3)  # the adapter does change the model
 
 
-def rows_of_lengths(lengths: list[int]) -> list[_Row]:
-    return [_Row(tuple(range(n)), 1, "task" if i % 3 == 0 else "general") for i, n in enumerate(lengths)]
+def rows_of_lengths(lengths: list[int]) -> list[Row]:
+    return [Row(tuple(range(n)), 1, "task" if i % 3 == 0 else "general") for i, n in enumerate(lengths)]
 
 
 def test_epoch_batches_cover_every_row_once_per_epoch():

@@ -113,6 +113,12 @@ def _is_one_json_value(text: str) -> bool:
     return True
 
 
+def _json_error(err: json.JSONDecodeError) -> str:
+    """Return 'malformed JSON: <reason> at column N' (some of json's reasons already end in "at")."""
+    reason = err.msg[:-3] if err.msg.endswith(" at") else err.msg
+    return f"malformed JSON: {reason} at column {err.colno}"
+
+
 def _parse_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
     records = []
     # split("\n"), not splitlines(): U+2028, U+0085 etc. are legal raw inside JSON strings.
@@ -122,7 +128,7 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise TellInputError(f"malformed JSON: {err.msg} at column {err.colno}", path, number) from None
+            raise TellInputError(_json_error(err), path, number) from None
     return records
 
 
@@ -130,7 +136,7 @@ def _parse_json_array(text: str, path: Path) -> list[tuple[int, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise TellInputError(f"malformed JSON: {err.msg} at column {err.colno}", path, err.lineno) from None
+        raise TellInputError(_json_error(err), path, err.lineno) from None
     if not isinstance(data, list):
         raise TellInputError("a .json file must hold a list of rows", path, 1)
     # json.loads loses positions; find each top-level object's line with a raw decoder.

@@ -22,7 +22,7 @@ from tell.data import Example, TellInputError, read_records
 from tell.generate import LoadedRun, answer_texts, prompt_texts
 from tell.mix import encode_examples
 from tell.model import context_length
-from tell.packing import IGNORE, _Row, collate
+from tell.packing import IGNORE, Row, collate
 from tell.tasks import Task, TestRow
 
 
@@ -122,7 +122,7 @@ def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: in
 
 def _batch_loss(model, batch, pad_id: int, limit: int, device) -> tuple[float, int]:
     """Return (summed answer-token loss, answer tokens) of one right-padded batch."""
-    rows = [_Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in batch]
+    rows = [Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in batch]
     inputs = collate(rows, pad_id, device)
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                    use_cache=False).logits[:, :-1]

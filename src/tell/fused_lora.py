@@ -29,14 +29,20 @@ class _LoraLinear(torch.autograd.Function):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             kept = flat
             if dropped is not None:
-                kept = flat.clone()
+                kept = flat.clone(memory_format=torch.contiguous_format)  # row-major, as the positions are
                 kept.view(-1)[dropped] = 0
             low = kept @ a.T
-            out = flat @ weight.to(dtype).T if bias is None else torch.addmm(bias.to(dtype), flat, weight.to(dtype).T)
+            # allocated in its final shape: a view returned from a custom Function could not be modified in place
+            result = flat.new_empty(*x.shape[:-1], weight.shape[0])
+            out = result.view(-1, weight.shape[0])
+            if bias is None:
+                torch.mm(flat, weight.to(dtype).T, out=out)
+            else:
+                torch.addmm(bias.to(dtype), flat, weight.to(dtype).T, out=out)
             out.addmm_(low, b.T, alpha=scale)
         ctx.save_for_backward(weight, a, b, kept, low, dropped)
         ctx.scale, ctx.dtypes = scale, (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -65,6 +71,8 @@ def _fused_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
     p = getattr(dropout, "p", 0.0) if self.training and not isinstance(dropout, torch.nn.Identity) else 0.0
+    if p >= 1.0:
+        return type(self).forward(self, x, *args, **kwargs)
     scale = self.scaling[adapter] / (1.0 - p)
     base = self.base_layer
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
@@ -72,7 +80,10 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def _plain_adapter(layer) -> str | None:
-    """Return the one active adapter of a LoRA layer when it is plain LoRA (no variant, no bias, unmerged)."""
+    """Return the one active adapter of a LoRA layer when it is plain LoRA (no variant, no bias, unmerged,
+    frozen base layer: the fused backward gives the base weight and bias no gradient)."""
+    if any(p.requires_grad for p in layer.base_layer.parameters()):
+        return None
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     adapter = layer.active_adapters[0]

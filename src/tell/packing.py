@@ -8,6 +8,7 @@ gains are in PERFORMANCE.md.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,13 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
-class _Row:
+class Row:
     input_ids: tuple[int, ...]
     labels_from: int
     source: str
 
 
-def micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
+def micro_batches(batch: list[Row], max_tokens: int) -> list[list[Row]]:
     """Return length-sorted groups whose padded size (longest × count) stays within max_tokens."""
     groups, current = [], []
     for row in sorted(batch, key=lambda r: len(r.input_ids)):
@@ -34,7 +35,7 @@ def micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
     return groups + [current] if current else groups
 
 
-def packed_micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]:
+def packed_micro_batches(batch: list[Row], max_tokens: int) -> list[list[Row]]:
     """Return length-sorted groups whose total (unpadded) size stays within max_tokens."""
     groups, current, size = [], [], 0
     for row in sorted(batch, key=lambda r: len(r.input_ids)):
@@ -46,7 +47,7 @@ def packed_micro_batches(batch: list[_Row], max_tokens: int) -> list[list[_Row]]
     return groups + [current] if current else groups
 
 
-def collate_packed(rows: list[_Row], device) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[Row], device) -> dict[str, torch.Tensor]:
     """Return the rows concatenated into one padding-free row: input_ids, labels and position_ids of
     shape (1, total), and ``cu_seq_lens_q`` (row boundaries, HF's varlen convention)."""
     ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)
@@ -112,19 +113,26 @@ def _matmul_causal_attention(query, key, value, scaling: float) -> torch.Tensor:
         return out.view(1, heads, seq, value.shape[-1]).transpose(1, 2)
 
 
-_BIASES: dict = {}
+_BIASES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+BIAS_CACHE_BYTES = 64 * 2**20
 
 
 def _causal_bias(seq: int, groups: int, dtype, device) -> torch.Tensor:
     """Return the additive causal mask (0 on and below the diagonal, −inf above) for `groups` stacked
-    query heads: (groups·seq, seq), built once per length (at most 256 kept)."""
+    query heads: (groups·seq, seq).
+
+    Every layer of a forward asks for the same lengths, so the masks are kept, least recently used first
+    out once they pass BIAS_CACHE_BYTES (a micro-batch's rows need at most groups·768²·4 bytes in all).
+    """
     key = (seq, groups, dtype, device)
-    if key not in _BIASES:
-        if len(_BIASES) >= 256:
-            _BIASES.clear()
-        future = torch.full((seq, seq), float("-inf"), dtype=dtype, device=device).triu(1)
-        _BIASES[key] = future.repeat(groups, 1)
-    return _BIASES[key]
+    if key in _BIASES:
+        _BIASES.move_to_end(key)
+        return _BIASES[key]
+    future = torch.full((seq, seq), float("-inf"), dtype=dtype, device=device).triu(1)
+    _BIASES[key] = bias = future.repeat(groups, 1)
+    while sum(b.numel() * b.element_size() for b in _BIASES.values()) > BIAS_CACHE_BYTES and len(_BIASES) > 1:
+        _BIASES.popitem(last=False)
+    return bias
 
 
 def can_pack(model) -> bool:
@@ -138,7 +146,7 @@ def can_pack(model) -> bool:
             and getattr(causal_lm, "base_model_prefix", "") != "")
 
 
-def collate(rows: list[_Row], pad_id: int, device) -> dict[str, torch.Tensor]:
+def collate(rows: list[Row], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Return right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -262,14 +270,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 def dropped_positions(numel: int, p: float, device) -> torch.Tensor | None:
-    """Return flat indices to zero for dropout(p) on `numel` elements, or None when p == 0.
+    """Return flat indices to zero for dropout(p) on `numel` elements, or None when there are none to draw.
 
     k ~ Poisson(−n·ln(1−p)) uniform draws: by Poisson splitting each element is hit independently with
     probability 1 − e^{ln(1−p)} = p, exactly nn.Dropout's law, for ~p·n random numbers instead of n. On the
     2-core CPU, nn.Dropout's n draws cost as much as the LoRA layer's base matmul (2.3 ms for a 1024×576
     input); this costs ~0.2 ms.
     """
-    if p <= 0:
+    if p <= 0 or numel == 0:
         return None
     draws = int(torch.poisson(torch.tensor(-math.log1p(-p) * numel, dtype=torch.float64)))
     return torch.randint(numel, (draws,), device=device)

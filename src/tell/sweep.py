@@ -38,8 +38,9 @@ NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
 DB_NAME = "sweep.sqlite"
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
-# Used for the time estimate until a cell has finished: measured on the 2-core CPU (MEASUREMENTS.md).
-DEFAULT_RATES = {"train_tok_s": 360.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0,
+# Used for the time estimate until a cell has finished: measured on the 2-core CPU (MEASUREMENTS.md;
+# training: PERFORMANCE.md, 700-715 tok/s on the benchmark mix).
+DEFAULT_RATES = {"train_tok_s": 650.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0,
                  "general_row_tokens": 170.0, "overhead_s": 15.0}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (

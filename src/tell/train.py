@@ -26,7 +26,7 @@ from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.fused_lora import fuse_lora_layers
 from tell.mix import Mix, encode_examples
-from tell.packing import (_causal_lm, _Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
+from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
                           micro_batches, packed_micro_batches, token_losses)
 
 
@@ -45,14 +45,14 @@ class TrainResult:
     final_loss_general: float | None
 
 
-def training_rows(tokenizer, mix: Mix, max_length: int) -> list[_Row]:
+def training_rows(tokenizer, mix: Mix, max_length: int) -> list[Row]:
     """Return the mix encoded for training: ids truncated to max_length, labels after the prompt."""
     encoded = encode_examples(tokenizer, [r.example for r in mix.rows])
-    return [_Row(e.input_ids[:max_length], e.prompt_tokens, r.example.source)
+    return [Row(e.input_ids[:max_length], e.prompt_tokens, r.example.source)
             for e, r in zip(encoded, mix.rows)]
 
 
-def epoch_batches(rows: list[_Row], batch_size: int, epochs: int, seed: int) -> list[list[_Row]]:
+def epoch_batches(rows: list[Row], batch_size: int, epochs: int, seed: int) -> list[list[Row]]:
     """Return the optimizer batches: the mix order in epoch 1, a seeded reshuffle in later epochs."""
     batches, rng = [], random.Random(f"{seed}-epochs")
     for epoch in range(epochs):
