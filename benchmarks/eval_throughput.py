@@ -2,6 +2,8 @@
 
 - ``loop``: what the paper's eval scripts do — one prompt at a time, fp32, ``model.generate`` with its KV
   cache, stop at EOS.
+- ``loop_bf16``: the same loop with the weights in bf16, as ``tell`` runs by default here — the
+  same-numerics comparison for the default path (its speedup and identical-output fraction).
 - ``tell``: ``tell.evaluate.evaluate`` as ``tell eval --greedy`` runs it (dtype auto: bf16 where the CPU has
   it, length-grouped batches).
 - ``tell_fp32``: the same batched path in fp32, so that "identical outputs" compares batching alone
@@ -24,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-PARTS = ("loop", "tell", "tell_fp32")
+PARTS = ("loop", "tell", "tell_fp32", "loop_bf16")
 
 
 def peak_rss_gib() -> float:
@@ -44,8 +46,8 @@ def worker(part: str, n: int, max_new_tokens: int) -> dict:
     from tell.generate import load_for_generation, prompt_texts
     task, rows = test_rows(n)
     cfg = GenerateConfig(greedy=True, max_new_tokens=max_new_tokens)
-    if part == "loop":
-        run = load_for_generation(None, ModelConfig(device="cpu", dtype="fp32"))
+    if part in ("loop", "loop_bf16"):
+        run = load_for_generation(None, ModelConfig(device="cpu", dtype="fp32" if part == "loop" else "bf16"))
         model, tokenizer = run.model, run.tokenizer
         texts = prompt_texts(run, [r.messages for r in rows])
         outputs, start = [], time.perf_counter()
@@ -76,7 +78,8 @@ def match(a: list[str], b: list[str]) -> float:
 
 def metric_gap(a: dict, b: dict) -> float:
     """Return the largest difference, in points (0-100), between two runs' shared headline metrics."""
-    keys = [k for k in a if k in b and 0 <= a[k] <= 1 and 0 <= b[k] <= 1 and k not in ("prompts",)]
+    # rates only: counts (n, n_adherent, skipped_too_long) are ints, and a count of 0 vs 1 is not 100 points
+    keys = [k for k in a if k in b and all(isinstance(r[k], float) and 0 <= r[k] <= 1 for r in (a, b))]
     return round(max((abs(a[k] - b[k]) * 100 for k in keys), default=0.0), 2)
 
 
@@ -106,7 +109,7 @@ def main() -> None:
     if missing:
         print(json.dumps({"benchmark": "eval_throughput", "waiting_for_parts": missing, "out": str(out)}))
         return
-    loop, tell, tell32 = (json.loads((out / f"{p}.json").read_text()) for p in PARTS)
+    loop, tell, tell32, loop16 = (json.loads((out / f"{p}.json").read_text()) for p in PARTS)
     summary = {
         "benchmark": "eval_throughput", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
         "tell_new_tokens_per_s": tell["new_tokens_per_s"], "loop_new_tokens_per_s": loop["new_tokens_per_s"],
@@ -121,10 +124,17 @@ def main() -> None:
         # the default bf16 path vs the fp32 loop (bf16 changes greedy near-ties):
         "bf16_outputs_match_fraction": match(tell["outputs"], loop["outputs"]),
         "bf16_metrics_gap_points": metric_gap(tell["metrics"], loop["metrics"]),
+        # the default bf16 path vs the same loop in bf16 (equal precision; batching and kernels alone):
+        "loop_bf16_new_tokens_per_s": loop16["new_tokens_per_s"],
+        "speedup_vs_bf16_loop": round(tell["new_tokens_per_s"] / loop16["new_tokens_per_s"], 2),
+        "speedup_wall_vs_bf16_loop": round(loop16["wall_s"] / tell["wall_s"], 2),
+        "bf16_vs_bf16_loop_outputs_match_fraction": match(tell["outputs"], loop16["outputs"]),
+        "bf16_vs_bf16_loop_metrics_gap_points": metric_gap(tell["metrics"], loop16["metrics"]),
         "peak_rss_gib": tell["peak_rss_gib"], "loop_peak_rss_gib": loop["peak_rss_gib"],
+        "loop_bf16_peak_rss_gib": loop16["peak_rss_gib"],
         "tell_fp32_peak_rss_gib": tell32["peak_rss_gib"],
-        "metrics": {p: r["metrics"] for p, r in zip(PARTS, (loop, tell, tell32))},
-        "new_tokens": {p: r["new_tokens"] for p, r in zip(PARTS, (loop, tell, tell32))},
+        "metrics": {p: r["metrics"] for p, r in zip(PARTS, (loop, tell, tell32, loop16))},
+        "new_tokens": {p: r["new_tokens"] for p, r in zip(PARTS, (loop, tell, tell32, loop16))},
     }
     print(json.dumps(summary))
 
