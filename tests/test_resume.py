@@ -1,5 +1,6 @@
 """Crash and resume: a real `tell train` process on the tiny model is killed with SIGKILL after its first
-checkpoint; `tell train --resume` must finish with the same adapter and loss sequence as an unbroken run."""
+checkpoint; `tell train --resume` must finish with the same adapter and loss sequence as an unbroken run,
+bit for bit, in both CPU training dtypes (fp32, and bf16 autocast over a bf16 frozen base)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tell import cli
@@ -19,10 +21,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.filterwarnings("ignore:training takes only", "ignore:warmup")
 
 
-def _args(model_dir, out) -> list[str]:
+def _args(model_dir, out, dtype: str = "fp32") -> list[str]:
     return ["train", "--task", str(FIXTURES / "alpaca.jsonl"), "--general", str(FIXTURES / "general.jsonl"),
             "--model", str(model_dir), "--ratio", "max", "--batch-size", "1", "--lr", "1e-3",
-            "--save-every", "2", "--out", str(out)]
+            "--save-every", "2", "--dtype", dtype, "--out", str(out)]
 
 
 def _losses(run: Path) -> list[float]:
@@ -31,8 +33,10 @@ def _losses(run: Path) -> list[float]:
 
 def _kill_after_first_checkpoint(argv: list[str], partial: Path) -> int:
     """Start training in a subprocess, SIGKILL it once a checkpoint exists; return the step it had reached."""
+    # One CPU thread, as this test process computes with (conftest): the thread count changes float sums.
     proc = subprocess.Popen([sys.executable, "-m", "tell.cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (partial / "checkpoint" / "state.pt").is_file():
@@ -44,14 +48,26 @@ def _kill_after_first_checkpoint(argv: list[str], partial: Path) -> int:
     pytest.fail("training finished (or hung) before a checkpoint could be interrupted")
 
 
-def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_sigkill_gives_the_same_adapter(tiny_model_dir, tmp_path, capsys, dtype):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
-    assert cli.main(_args(tiny_model_dir, unbroken)) == 0
-    steps_before_kill = _kill_after_first_checkpoint(_args(tiny_model_dir, broken), tmp_path / "broken.partial")
+    assert cli.main(_args(tiny_model_dir, unbroken, dtype)) == 0
+    steps_before_kill = _kill_after_first_checkpoint(_args(tiny_model_dir, broken, dtype),
+                                                     tmp_path / "broken.partial")
     assert not broken.exists()  # a killed run never looks finished
     total_steps = len(_losses(unbroken))
     assert steps_before_kill < total_steps
-    assert cli.main(["train", "--resume", str(broken)]) == 0
+    # The resuming process starts with another thread count than the killed run had (a new shell, another
+    # machine): resume must compute with the run's own count, or the sums differ in the last bits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    capsys.readouterr()
+    try:
+        assert cli.main(["train", "--resume", str(broken)]) == 0
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    assert f"run written to {broken}: {total_steps} steps" in capsys.readouterr().out
     assert not (tmp_path / "broken.partial").exists() and not (broken / "checkpoint").exists()
     assert _losses(broken) == _losses(unbroken)  # bit-identical on CPU
     a = load_file(unbroken / "adapter" / "adapter_model.safetensors")

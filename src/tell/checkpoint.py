@@ -2,7 +2,13 @@
 
 In: the PEFT model, optimizer, scheduler, the step reached and the running totals. Out: ``checkpoint/``
 inside the run being written (LoRA weights, optimizer and scheduler state, torch RNG states, data
-position). Written to a temporary name and renamed, so a kill mid-save leaves the previous checkpoint.
+position, CPU thread count). Written to a temporary name and renamed, so a kill mid-save leaves the
+previous checkpoint.
+
+The thread count is part of the state because it is part of the arithmetic: CPU kernels split their sums
+across threads, so one step computed with 2 threads and with 1 differs in the last bits (seen on avx2-only
+CPUs: a run killed under 2 threads and resumed under 1 drifted from step 6 on). A resumed run therefore
+computes with the thread count the run started with.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, total
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
     }
     tmp = out_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,7 +62,17 @@ def load_checkpoint(out_dir: Path, model, optimizer, scheduler) -> tuple[int, di
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+    restore_threads(state.get("threads"))
     return state["step"], state["totals"], state["elapsed_s"]
+
+
+def restore_threads(threads: int | None) -> None:
+    """Compute with the run's own CPU thread count (see the module docstring), saying so when it changes."""
+    if threads and threads != torch.get_num_threads():
+        import sys
+        print(f"[tell] resume: using {threads} CPU threads as the interrupted run did (this process had "
+              f"{torch.get_num_threads()}), so the result is bit-identical", file=sys.stderr)
+        torch.set_num_threads(threads)
 
 
 def trim_log(log_path: Path, step: int) -> None:

@@ -258,8 +258,8 @@ def _dispatch(args, extra) -> int:
         result = experiment.resume_train(args.resume) if args.resume else experiment.run_train(cfg, args.overwrite)
         if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
-        print(f"[tell] run written to {cfg.out}: {result.optimizer_steps} steps, {result.trained_tokens} "
-              f"tokens in {result.wall_s:.0f} s ({result.tokens_per_s:.0f} tok/s)")
+        print(f"[tell] run written to {args.resume or cfg.out}: {result.optimizer_steps} steps, "
+              f"{result.trained_tokens} tokens in {result.wall_s:.0f} s ({result.tokens_per_s:.0f} tok/s)")
     elif args.verb == "generate":
         rows = experiment.run_generate(args.run, args.prompts, cfg, args.output, not args.no_anchor)
         if not args.output:
