@@ -231,15 +231,14 @@ def test_cached_matmul_attention_equals_sdpa_with_padding_and_grouped_heads():
     """The decode attention gives SDPA's output for grouped-query heads, a left-padding mask, one query and
     up to MATMUL_MAX_QUERIES, and a value head size other than the key's, in fp32."""
     import torch
-    from tell.generate import _cached_matmul_attention
+    from tell.cpu_decode import MATMUL_MAX_QUERIES, _cached_matmul_attention
 
     class Layer(torch.nn.Module):
         num_key_value_groups = 3
         is_causal = True
 
-    import tell.generate as generate
     torch.manual_seed(0)
-    for q_len, value_dim in ((1, 8), (3, 8), (generate.MATMUL_MAX_QUERIES, 8), (1, 6)):
+    for q_len, value_dim in ((1, 8), (3, 8), (MATMUL_MAX_QUERIES, 8), (1, 6)):
         k_len = 11
         query = torch.randn(2, 6, q_len, 8)
         key, value = torch.randn(2, 2, k_len, 8), torch.randn(2, 2, k_len, value_dim)
@@ -256,15 +255,16 @@ def test_generation_takes_the_matmul_attention_and_matches_transformers(tiny_mod
     """generate_texts routes masked attention through the matmul kernel, and its greedy answers equal
     transformers' generate (SDPA) in fp32."""
     import torch
+    import tell.cpu_decode as cpu_decode
     import tell.generate as generate
     calls = []
-    original = generate._cached_matmul_attention
+    original = cpu_decode._cached_matmul_attention
 
     def counting(module, query, key, value, mask, *args, **kwargs):
-        if mask is not None and query.shape[2] <= generate.MATMUL_MAX_QUERIES:  # the matmul branch, not SDPA
+        if mask is not None and query.shape[2] <= cpu_decode.MATMUL_MAX_QUERIES:  # the matmul branch, not SDPA
             calls.append(1)
         return original(module, query, key, value, mask, *args, **kwargs)
-    monkeypatch.setattr(generate, "_cached_matmul_attention", counting)
+    monkeypatch.setattr(cpu_decode, "_cached_matmul_attention", counting)
     run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
     tok = run.tokenizer
     texts = prompt_texts(run, [({"role": "user", "content": "Tell me " * (i * 2 + 1)},) for i in range(4)])
@@ -286,7 +286,7 @@ def test_growing_cache_gives_the_default_cache_logits(tiny_model_dir, monkeypatc
     a 2D mask) and, under cached_attention, without one."""
     import torch
     from transformers.cache_utils import DynamicCache
-    import tell.generate as generate
+    import tell.cpu_decode as generate
     run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
     model = run.model
     for with_mask in (True, False):
@@ -342,3 +342,62 @@ def test_grouped_query_model_generates_as_transformers(tiny_model_dir):
                                  eos_token_id=tok.eos_token_id, **generate.sampling_kwargs(cfg))[:, width:].tolist()
         ref = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in ref]
         assert mine == ref
+
+
+def test_shared_prefix_decode_attention_equals_sdpa_over_the_whole_cache():
+    """Decode attention with the prefix kept once for all rows (GrowingLayer.prefix) gives SDPA's output over
+    each row's full cache (prefix repeated, left padding after it), for grouped-query heads, in fp32."""
+    import torch
+    from tell.cpu_decode import MATMUL_MAX_QUERIES, _cached_matmul_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 3
+        is_causal = True
+
+    torch.manual_seed(0)
+    prefix_length, row_length = 7, 5
+    for q_len in (1, MATMUL_MAX_QUERIES):
+        query = torch.randn(3, 6, q_len, 8)
+        prefix = (torch.randn(1, 2, prefix_length, 8), torch.randn(1, 2, prefix_length, 8))
+        key, value = torch.randn(3, 2, row_length, 8), torch.randn(3, 2, row_length, 8)
+        mask = torch.ones(3, 1, q_len, prefix_length + row_length, dtype=torch.bool)
+        mask[:, :, :, prefix_length + row_length - q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        mask[1, :, :, prefix_length:prefix_length + 2] = False  # row 1 is padded between prefix and its tokens
+        whole_key = torch.cat([prefix[0].expand(3, -1, -1, -1), key], 2)
+        whole_value = torch.cat([prefix[1].expand(3, -1, -1, -1), value], 2)
+        key.prefix = prefix
+        mine, _ = _cached_matmul_attention(Layer(), query, key, value, mask, scaling=0.3)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            query, whole_key.repeat_interleave(3, 1), whole_value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3)
+        torch.testing.assert_close(mine, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_prefill_gives_the_padded_prefill_logits_and_answers(tiny_model_dir, monkeypatch):
+    """Reading a batch packed (no padding computed; the shared prefix kept once) gives the left-padded
+    prefill's last logits and the same greedy continuation, with and without a shared prefix, in fp32."""
+    import torch
+    import tell.cpu_decode as cpu_decode
+    import tell.generate as generate
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    model, tok = run.model, run.tokenizer
+    cfg = GenerateConfig(greedy=True)
+    torch.manual_seed(3)
+    common = torch.randint(10, 900, (40,)).tolist()
+    rows = [torch.randint(10, 900, (n,)).tolist() for n in (3, 11, 6)]
+    for prompts in ([common + r for r in rows], rows):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        results = {}
+        for packed in (True, False):
+            monkeypatch.setattr(generate, "packs", lambda m, packed=packed: packed)
+            with torch.inference_mode(), cpu_decode.cached_attention(model):
+                prefix = generate.shared_prefix(model, [p for p in prompts], torch.device("cpu"))
+                suffix = ids if prefix is None else ids[:, prefix.length:]
+                _, logits, _ = generate._prefill(model, suffix, mask[:, suffix.shape[1] * -1:], prefix)
+                answers = generate.decode_batch(model, suffix, mask[:, -suffix.shape[1]:], cfg, 8, tok.eos_token_id,
+                                                prefix)
+            results[packed] = (logits, answers)
+        assert (prefix is not None) == (prompts[0][:40] == common)
+        torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-4)
+        assert results[True][1] == results[False][1]

@@ -6,8 +6,6 @@ left-padded, decoding uses the KV cache and stops at EOS.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,8 @@ from tell.anchor import anchored_messages
 from tell.config import GenerateConfig, ModelConfig, RunConfig, config_from_dict
 from tell.data import TellInputError
 from tell.mix import render_prompt
-from tell.model import attention_routed, autocast_dtype, load_model, pick_device, resolve_model_path
+from tell.cpu_decode import cached_attention, new_cache, packed_prefill, packs
+from tell.model import autocast_dtype, load_model, pick_device, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -158,142 +157,6 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig) -
     return indices.gather(1, choice).squeeze(1)
 
 
-CACHED_ATTENTION = "tell_cached_matmul"
-# Above this many attention scores per layer (batch × heads × queries × keys) prefill falls back to SDPA,
-# which never materialises them: 64M fp32 scores are 256 MB.
-MATMUL_SCORES_LIMIT = 1 << 26
-# Prefill (many queries) stays with SDPA: measured at 16 prompts x 600 tokens, matmuls took 11.5 s vs 6.1 s.
-MATMUL_MAX_QUERIES = 4
-
-
-def _cached_matmul_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Masked attention over a KV cache by two batched matmuls, the query heads of each KV head grouped.
-
-    On the 2-core CPU the SDPA kernel with a padding mask was 41% of a decode batch's time; this reads the
-    cache once per KV head (no repeat of K/V for grouped-query attention). Numerics follow HF's eager
-    attention: scores in the model dtype, softmax in fp32. Without a mask (no padding, causal) or on a
-    GPU it is plain SDPA.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if attention_mask is None and hasattr(key, "filled"):  # a GrowingLayer buffer and no mask: drop its spare slots
-        key, value = key[..., :key.filled, :], value[..., :key.filled, :]
-    batch, heads, q_len, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    if (attention_mask is None or query.device.type != "cpu" or dropout or q_len > MATMUL_MAX_QUERIES
-            or batch * heads * q_len * k_len > MATMUL_SCORES_LIMIT):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    groups = heads // kv_heads  # HF's repeat_kv order: query head h reads KV head h // groups
-    grouped = query.reshape(batch, kv_heads, groups * q_len, dim)
-    scores = (grouped @ key.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, k_len)
-    scores = scores * (scaling if scaling is not None else dim ** -0.5)
-    mask = attention_mask[:, :, None, :, -k_len:]
-    if mask.dtype == torch.bool:  # a fully masked row (a padding query) gets uniform weights, never NaN
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = probs.view(batch, kv_heads, groups * q_len, k_len) @ value
-    value_dim = value.shape[-1]  # may differ from the query/key head size (MLA-style models)
-    out = out.view(batch, kv_heads, groups, q_len, value_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, heads, value_dim), None
-
-
-def switches_attention(model) -> bool:
-    """Return True when `cached_attention` reroutes this model: an SDPA model that takes attention through
-    HF's attention interface."""
-    return (getattr(model.config, "_attn_implementation", None) in ("sdpa", CACHED_ATTENTION)
-            and getattr(type(model), "_supports_attention_backend", False))
-
-
-def cached_attention(model):
-    """Return a context in which the model's attention goes through _cached_matmul_attention (SDPA-style
-    boolean masks), for models where `switches_attention` holds; for others, a context that changes nothing
-    (the config setter rewrites sub-configs too, so it is left alone)."""
-    if switches_attention(model) and model.config._attn_implementation == "sdpa":
-        from transformers.masking_utils import sdpa_mask
-        return attention_routed(model.config, CACHED_ATTENTION, _cached_matmul_attention, sdpa_mask)
-    return contextlib.nullcontext()
-
-
-@functools.cache
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A KV cache layer with spare capacity: a decode step writes its keys/values in place, and attention
-        reads the whole (contiguous) buffer, the unused tail hidden by the causal mask.
-
-        DynamicLayer concatenates the whole cache with every new token: on the 2-core CPU that copy was 28% of
-        a decode step (batch 16, 600-token prompts). A view of only the filled part is no cure: matmuls over
-        a strided view were slower still. Reading up to SPARE zeroed, masked slots costs less than either.
-        """
-
-        SPARE = 64
-
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
-            self._length = 0
-
-        def _capacity(self, query_length: int) -> int:
-            needed = self._length + query_length
-            if self.is_initialized and self.keys.numel() and needed <= self.keys.shape[-2]:
-                return self.keys.shape[-2]
-            # No spare slots for a prompt, nor for a layer's first write: the mask of the call that creates the
-            # layer is sized before the layer exists (query length only).
-            return needed + (self.SPARE if query_length == 1 and self._length else 0)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            new = key_states.shape[-2]
-            capacity = self._capacity(new)
-            if not self.keys.numel() or capacity != self.keys.shape[-2]:
-                self.keys, self.values = self._resized(self.keys, key_states, capacity), \
-                    self._resized(self.values, value_states, capacity)
-            self.keys[..., self._length:self._length + new, :] = key_states
-            self.values[..., self._length:self._length + new, :] = value_states
-            self._length += new
-            self.keys.filled = self._length  # read by _cached_matmul_attention when no mask is given
-            return self.keys, self.values
-
-        def _resized(self, old: torch.Tensor, like: torch.Tensor, capacity: int) -> torch.Tensor:
-            # zeros, not empty: masked slots get weight 0, and 0 x garbage could be NaN
-            buffer = like.new_zeros((*like.shape[:-2], capacity, like.shape[-1]))
-            if self._length:
-                buffer[..., :self._length, :] = old[..., :self._length, :]
-            return buffer
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self._capacity(query_length), 0
-
-        def get_seq_length(self) -> int:
-            return self._length if self.is_initialized else 0
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if self.is_initialized and tokens_to_remove < 0:
-                self._length = max(0, self._length + tokens_to_remove)
-                self.keys[..., self._length:, :] = 0
-                self.values[..., self._length:, :] = 0
-
-    return GrowingLayer
-
-
-def new_cache(model):
-    """Return an empty KV cache for generation: growing in place for plain full-attention models on CPU,
-    the model's default (None) for sliding-window or hybrid ones, for models `cached_attention` does not
-    switch, and on GPUs (where SDPA kernels with a causal mask are what transformers tunes for)."""
-    from transformers.cache_utils import DynamicCache
-    config = model.config.get_text_config(decoder=True)
-    full_attention = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
-    if (next(model.parameters()).device.type != "cpu" or getattr(config, "sliding_window", None)
-            or not full_attention or not switches_attention(model)):
-        return None
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _growing_layer_class()
-    return cache
-
-
 @dataclass
 class SharedPrefix:
     """The KV cache of the token prefix that every prompt starts with, computed once per call."""
@@ -322,7 +185,12 @@ def shared_prefix(model, encoded: list[list[int]], device, min_tokens: int = 32)
 
 
 def _prefill(model, ids, mask, prefix: SharedPrefix | None):
-    """Return (cache, last-position logits, attention mask over cache + ids) after reading the prompts."""
+    """Return (cache, last-position logits, attention mask over cache + ids) after reading the prompts.
+
+    On CPU the rows are read packed, without their padding (cpu_decode.py); elsewhere left-padded."""
+    if packs(model):
+        rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+        return packed_prefill(model, rows, prefix)
     if prefix is None:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=new_cache(model),
