@@ -5,15 +5,19 @@ shuffled into Alpaca demo rows at a token ratio), same LoRA config (r 8, alpha 3
 q_proj, v_proj) and the same 16 rows per optimizer step. Each configuration runs in its own subprocess so
 that its peak RSS is its own:
 
-- ``trl_default``: TRL ``SFTTrainer`` as it comes (fp32, gradient checkpointing on, padded batches,
-  completion-only loss on prompt/completion rows).
-- ``trl_fast``: the fastest CPU configuration found for TRL: bf16, padding-free, no gradient checkpointing.
-- ``tell``: ``tell.train.train_lora`` as ``tell train`` runs it.
+- ``trl_default``: TRL ``SFTTrainer`` as it comes (gradient checkpointing on, padded batches of 8 × 2
+  accumulation, completion-only loss on prompt/completion rows), in the benchmark's dtype: TRL's own default is
+  bf16, which a CPU without avx512_bf16/AMX only emulates (~1 GFLOP/s: one step would take hours).
+- ``trl_fast``: the fastest CPU configuration found for TRL in that dtype: padding-free, no gradient
+  checkpointing, 4 rows per forward × 4 accumulation.
+- ``tell``: ``tell.train.train_lora`` as ``tell train`` runs it, in the benchmark's dtype.
 
-It also measures the bf16 matmul GFLOP/s of this machine (the "limit") and reports tell's achieved
-fraction of it: (tell's FLOPs per trained token × tokens/s) ÷ limit. Prints one JSON object.
+Both sides train in the fastest dtype of the machine (``--dtype auto``: bf16 where the CPU has avx512_bf16 or
+AMX, else fp32; ``--dtype fp32|bf16`` forces one). The "limit" is this machine's matmul GFLOP/s in that dtype,
+and tell's fraction of it is (tell's FLOPs per trained token × tokens/s) ÷ limit. The CPU kind (flags avx2,
+avx512f, avx512_bf16, amx_bf16) is part of the output. Prints one JSON object.
 
-    python benchmarks/train_throughput.py --quick      # < 5 min on the 2-core CPU
+    python benchmarks/train_throughput.py --quick      # < 5 min on the 2-core CPUs of either kind
     python benchmarks/train_throughput.py              # 15 task rows, ratio 3
 
 TRL is not a dependency of tell: ``pip install trl`` (keeping the installed torch) to run this.
@@ -49,21 +53,45 @@ def build_mix(task_rows: int, ratio: str, tokenizer):
     return _build(task, general, MixConfig(ratio=ratio), tokenizer, 8192)
 
 
-def matmul_gflops(seconds: float = 2.0) -> dict:
-    """Return the best bf16 (and fp32) matmul GFLOP/s over a few shapes, and the model-shape rate."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_kind() -> dict:
+    """Return this CPU's model name, logical cores and which of CPU_FLAGS it has (the "kind" of a figure)."""
+    try:
+        info = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        info = ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return {"model_name": name, "logical_cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
+def benchmark_dtype(asked: str) -> str:
+    """Return the dtype both sides train in: bf16 where the CPU computes it natively, else fp32."""
+    if asked != "auto":
+        return asked
+    return "bf16" if cpu_kind()["native_bf16"] else "fp32"
+
+
+def matmul_gflops(dtype: str, seconds: float = 2.0) -> dict:
+    """Return the best matmul GFLOP/s of this machine in `dtype` over a few shapes (the square ones and the
+    model's own), the limit a training step is measured against."""
     import torch
-    def rate(m, k, n, dtype):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+    def rate(m, k, n):
+        a, b = torch.randn(m, k, dtype=torch_dtype), torch.randn(k, n, dtype=torch_dtype)
         a @ b
         reps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 4:
             a @ b
             reps += 1
         return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
-    bf16 = {f"{m}x{k}x{n}": round(rate(m, k, n, torch.bfloat16), 1)
-            for m, k, n in ((2048, 2048, 2048), (4096, 4096, 4096), (1024, 576, 1536), (1024, 1536, 576))}
-    return {"bf16_peak_gflops": max(bf16.values()), "bf16_by_shape": bf16,
-            "fp32_peak_gflops": round(rate(2048, 2048, 2048, torch.float32), 1)}
+    by_shape = {f"{m}x{k}x{n}": round(rate(m, k, n), 1)
+                for m, k, n in ((2048, 2048, 2048), (4096, 4096, 4096), (1024, 576, 1536), (1024, 1536, 576))}
+    return {"dtype": dtype, "peak_gflops": max(by_shape.values()), "by_shape": by_shape}
 
 
 def _lora_config():
@@ -86,7 +114,7 @@ def worker_trl(args) -> dict:
     from tell.config import ModelConfig
     from tell.model import load_model
     torch.manual_seed(42)
-    model, tokenizer = load_model(ModelConfig(device="cpu"))
+    model, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))  # the Trainer casts for bf16 itself
     mix = build_mix(args.task_rows, args.ratio, tokenizer)
     rows = [{"prompt": list(r.example.prompt_messages), "completion": [r.example.messages[-1]]} for r in mix.rows]
     steps = args.max_steps or -(-len(rows) // 16)
@@ -97,8 +125,8 @@ def worker_trl(args) -> dict:
                        gradient_accumulation_steps=16 // micro, num_train_epochs=1, learning_rate=1e-4,
                        weight_decay=0.01, warmup_steps=0.03, lr_scheduler_type="linear", seed=42,
                        logging_steps=1, save_strategy="no", report_to=[], max_length=None if fast else 8192,
-                       use_cpu=True, dataloader_num_workers=0,
-                       **({"bf16": True, "padding_free": True, "gradient_checkpointing": False} if fast else {}))
+                       use_cpu=True, dataloader_num_workers=0, bf16=args.dtype == "bf16",
+                       **({"padding_free": True, "gradient_checkpointing": False} if fast else {}))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=_lora_config())
     counts = {"real": 0, "padded": 0}
@@ -133,12 +161,12 @@ def attention_flops(model, tokenizer, mix, cfg, steps: int) -> float:
 
 
 def worker_tell(args) -> dict:
-    """Train with tell.train.train_lora exactly as `tell train` does (dtype auto)."""
+    """Train with tell.train.train_lora exactly as `tell train --dtype <the benchmark's dtype>` does."""
     import torch
     from tell.config import ModelConfig, TrainConfig
     from tell.model import autocast_dtype, load_model, pick_device
     from tell.train import can_pack, train_lora
-    cfg_model = ModelConfig(device="cpu")
+    cfg_model = ModelConfig(device="cpu", dtype=args.dtype)
     model, tokenizer = load_model(cfg_model)
     mix = build_mix(args.task_rows, args.ratio, tokenizer)
     cfg = TrainConfig(max_steps=args.max_steps, micro_batch_tokens=args.micro_batch_tokens)
@@ -159,7 +187,7 @@ def worker_tell(args) -> dict:
 
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--task-rows", str(args.task_rows), "--ratio", args.ratio,
-           "--micro-batch-tokens", str(args.micro_batch_tokens),
+           "--micro-batch-tokens", str(args.micro_batch_tokens), "--dtype", args.dtype,
            "--max-steps", str(args.default_steps if name == "trl_default" else args.max_steps)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -179,10 +207,13 @@ def main() -> None:
     parser.add_argument("--default-steps", type=int, default=4,
                         help="optimizer steps of the slow TRL default (the first steps of the same mix)")
     parser.add_argument("--micro-batch-tokens", type=int, default=768)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="dtype of both sides (auto: bf16 where the CPU has it natively, else fp32)")
     parser.add_argument("--worker", choices=["tell", "trl_fast", "trl_default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.task_rows, args.ratio, args.default_steps = 4, "3", 1
+    args.dtype = benchmark_dtype(args.dtype)
     if args.worker:
         work = worker_tell if args.worker == "tell" else worker_trl
         print(json.dumps(work(args)))
@@ -196,11 +227,12 @@ def main() -> None:
         sys.exit(2)
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    limit = matmul_gflops()
+    limit = matmul_gflops(args.dtype)
     results = {name: run_worker(name, args) for name in ("tell", "trl_fast", "trl_default")}
     tell, fast, default = results["tell"], results["trl_fast"], results["trl_default"]
     summary = {
         "benchmark": "train_throughput", "quick": args.quick, "task_rows": args.task_rows, "ratio": args.ratio,
+        "cpu": cpu_kind(), "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "tell_tokens_per_s": tell.get("tokens_per_s"), "trl_tokens_per_s": fast.get("tokens_per_s"),
         "trl_default_tokens_per_s": default.get("tokens_per_s"),
         "speedup_vs_trl": round(tell["tokens_per_s"] / fast["tokens_per_s"], 2) if "error" not in tell | fast else None,
@@ -209,12 +241,14 @@ def main() -> None:
         "tell_padded_tokens_per_s": tell.get("padded_tokens_per_s"),
         "trl_padded_tokens_per_s": fast.get("padded_tokens_per_s"),
         "trl_default_padded_tokens_per_s": default.get("padded_tokens_per_s"),
-        "bf16_matmul_gflops": limit["bf16_peak_gflops"],
-        "fraction_of_limit": round(tell["flops_per_s"] / 1e9 / limit["bf16_peak_gflops"], 3)
+        "limit_gflops": limit["peak_gflops"], "limit_dtype": args.dtype,
+        # kept for scripts that read it: the bf16 limit, measured only where bf16 is what both sides train in
+        "bf16_matmul_gflops": limit["peak_gflops"] if args.dtype == "bf16" else None,
+        "fraction_of_limit": round(tell["flops_per_s"] / 1e9 / limit["peak_gflops"], 3)
         if "flops_per_s" in tell else None,
         # the same with the causal attention FLOPs counted too (as MFU figures usually do):
         "fraction_of_limit_with_attention": round((tell["train_flops"] + tell["attention_flops"]) / tell["wall_s"]
-                                                  / 1e9 / limit["bf16_peak_gflops"], 3)
+                                                  / 1e9 / limit["peak_gflops"], 3)
         if "attention_flops" in tell else None,
         "peak_rss_gib": tell.get("peak_rss_gib"), "trl_peak_rss_gib": fast.get("peak_rss_gib"),
         "trl_default_peak_rss_gib": default.get("peak_rss_gib"),

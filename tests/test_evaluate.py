@@ -132,8 +132,37 @@ def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, caps
     # a cached arm is copied, not recomputed: its generations are byte-identical and no new run dir appears
     assert (first / "evals" / "tell" / "generations.jsonl").read_bytes() == \
         (second / "evals" / "tell" / "generations.jsonl").read_bytes()
-    assert set(stages) == {"base", "tell"}
+    assert set(stages) == {"prepare", "base", "tell"}
     assert cached == {kind: sorted(p.name for p in (cache_dir() / kind).iterdir()) for kind in ("runs", "evals")}
+
+
+def test_a_zero_adapter_arm_is_the_base_model_evaluated_once(tiny_model_dir, user_task, tmp_path, capsys,
+                                                             monkeypatch):
+    """The paper's SFT (batch 16 over 4 rows: one optimizer step, at learning rate 0 in warmup) leaves every
+    LoRA B matrix at 0: the arm is the base model, reported as such, and its answers are the base model's,
+    generated once even with --no-cache."""
+    from safetensors.torch import load_file
+    from tell import evaluate as evaluate_module
+    evaluated = []
+    original = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda run, *a, **k: evaluated.append(run.adapter_dir) or
+                        original(run, *a, **k))
+    out = tmp_path / "z"
+    args = _compare_args(tiny_model_dir, user_task, out, arms="base,sft,tell")
+    args[args.index("--batch-size") + 1] = 16
+    args[args.index("--ratio") + 1] = "max"  # 44 rows: TELL takes 3 steps, two of them at lr > 0
+    assert tell(*args, "--no-cache") == 0
+    assert len(evaluated) == 2 and evaluated[0] == "" and evaluated[1].endswith("adapter")  # base, tell
+    results = json.loads((out / "results.json").read_text())
+    assert results["sft"]["optimizer_steps"] == 1 and "same_as_base" in results["sft"]
+    assert "same_as_base" not in results["tell"] and "same_as_base" not in results["base"]
+    weights = load_file(out / "runs" / "sft" / "adapter" / "adapter_model.safetensors")
+    assert all(not w.any() for k, w in weights.items() if "lora_B" in k)
+    assert (out / "evals" / "sft" / "generations.jsonl").read_bytes() == \
+        (out / "evals" / "base" / "generations.jsonl").read_bytes()
+    assert results["sft"]["general_loss"] == results["base"]["general_loss"]
+    report = (out / "report.md").read_text()
+    assert "| sft (= base: zero adapter) |" in report and "exactly zero" in report
 
 
 def test_compare_refuses_bad_input_before_training(tiny_model_dir, user_task, tmp_path, capsys):

@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tell.config import RunConfig, config_dict, dump_config
@@ -81,8 +81,10 @@ def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool) -> tuple[Path, di
     return run_dir, json.loads((run_dir / "train_summary.json").read_text())
 
 
-def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor: str, cache: bool) -> Path:
-    """Return the directory with metrics.json/generations.jsonl of an arm, evaluating unless cached."""
+def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor: str, cache: bool,
+              done: set | None = None) -> Path:
+    """Return the directory with metrics.json/generations.jsonl of an arm, evaluating unless cached (or
+    already evaluated in this comparison: keys in `done`)."""
     from tell.evaluate import evaluate, write_eval
     from tell.generate import load_for_generation
     use_anchor = arm in ANCHORED_ARMS
@@ -90,8 +92,10 @@ def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor
     key = _key("eval", str(run_dir), run_key, config_dict(cfg.model), config_dict(cfg.generate),
                [r.id for r in rows], task.name, use_anchor, anchor if use_anchor and run_dir is None else "")
     eval_dir = cache_dir() / "evals" / key
-    if cache and (eval_dir / "metrics.json").is_file():
+    if (cache or key in (done or ())) and (eval_dir / "metrics.json").is_file():
         return eval_dir
+    if done is not None:
+        done.add(key)
     run = load_for_generation(str(run_dir) if run_dir else None, cfg.model, cfg.generate.backend)
     if run_dir is None and use_anchor:
         run = replace(run, anchor=anchor, placement=cfg.anchor.placement)
@@ -112,9 +116,9 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
     check_output(cfg.out, overwrite)
     cfg.generate.backend = usable_backend(cfg.generate.backend)  # before any arm trains
     arms = [a.strip() for a in cfg.compare.arms.split(",") if a.strip()]
-    inputs = arm_inputs(cfg, task)  # validates all input before training
-    results, timings = {}, {}
     start = time.perf_counter()
+    inputs = arm_inputs(cfg, task)  # validates all input before training
+    results, timings = {}, {"prepare": {"prepare_s": round(time.perf_counter() - start, 1)}}
     with staged_output(cfg.out, overwrite) as tmp:
         dump_config(cfg, tmp / "config.yaml")
         for arm in arms:
@@ -145,15 +149,21 @@ def _run_arm(cfg, arm, inputs: ArmInputs, out_dir: Path) -> tuple[dict, dict]:
 
 def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict, Path | None, Path]:
     """Return (metrics + training facts + held-out general loss, wall s per stage, run dir, eval dir) of an
-    arm, training and evaluating it unless cached."""
+    arm, training and evaluating it unless cached.
+
+    An arm whose adapter is exactly zero (every LoRA B matrix still 0, e.g. the paper's 15-row SFT: one
+    optimizer step, at learning rate 0 in warmup) is the base model: it is evaluated as the base model is
+    (the same generations and losses, computed once), and its metrics say so under `same_as_base`.
+    """
     timing, train_summary, run_dir = {}, {}, None
     if arm in TRAINED_ARMS:
         t0 = time.perf_counter()
         arm_cfg = arm_config(cfg, arm, inputs.tell_steps, len(inputs.task_examples))
         run_dir, train_summary = _train_arm(arm_cfg, inputs.task_examples, cfg.compare.cache)
         timing["train_s"] = round(time.perf_counter() - t0, 1)
+    model_dir = None if run_dir is None or adapter_is_zero(run_dir) else run_dir
     t0 = time.perf_counter()
-    eval_dir = _eval_arm(cfg, arm, run_dir, inputs.task, inputs.rows, inputs.anchor, cfg.compare.cache)
+    eval_dir = _eval_arm(cfg, arm, model_dir, inputs.task, inputs.rows, inputs.anchor, cfg.compare.cache, inputs.done)
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text()) if run_dir else {}
@@ -161,22 +171,39 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
                    trained_tokens=train_summary.get("trained_tokens", 0),
                    train_flops=train_summary.get("train_flops", 0.0),
                    task_tokens=manifest.get("task_tokens", 0), general_tokens=manifest.get("general_tokens", 0))
+    if run_dir is not None and model_dir is None:
+        metrics["same_as_base"] = ("the adapter is exactly zero (every LoRA B matrix is 0 after training), so this "
+                                   "arm is the base model: its generations and losses are the base model's")
     if inputs.heldout:
         t0 = time.perf_counter()
-        metrics.update(_general_loss_arm(cfg, run_dir, inputs.heldout, cfg.compare.cache))
+        metrics.update(_general_loss_arm(cfg, model_dir, inputs.heldout, cfg.compare.cache, inputs.done))
         timing["general_loss_s"] = round(time.perf_counter() - t0, 1)
     return metrics, timing, run_dir, eval_dir
 
 
-def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool) -> dict:
-    """Return the held-out general loss/perplexity of an arm's model, computing it unless cached."""
+def adapter_is_zero(run_dir: Path) -> bool:
+    """Return True when the run's LoRA update B·A is exactly zero (every lora_B weight is 0)."""
+    from safetensors.torch import load_file
+    path = Path(run_dir) / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        return False
+    weights = load_file(path)
+    b_matrices = [w for name, w in weights.items() if "lora_B" in name]
+    return bool(b_matrices) and all(not w.any() for w in b_matrices)
+
+
+def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool, done: set | None = None) -> dict:
+    """Return the held-out general loss/perplexity of an arm's model, computing it unless cached (or already
+    computed in this comparison: keys in `done`)."""
     from tell.evaluate import general_loss
     from tell.generate import load_for_generation
     run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
     key = _key("loss", str(run_dir), run_key, config_dict(cfg.model), [e.messages for e in heldout])
     path = cache_dir() / "losses" / f"{key}.json"
-    if cache and path.is_file():
+    if (cache or key in (done or ())) and path.is_file():
         return json.loads(path.read_text())
+    if done is not None:
+        done.add(key)
     run = load_for_generation(str(run_dir) if run_dir else None, cfg.model)
     values = general_loss(run.model, run.tokenizer, list(heldout))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +223,8 @@ class ArmInputs:
     anchor: str
     tell_steps: int
     heldout: tuple = ()
+    done: set = field(default_factory=set)
+    """Cache keys of the evaluations and losses computed by this comparison (reused even with --no-cache)."""
 
 
 def default_anchor(cfg: RunConfig, task) -> None:

@@ -35,7 +35,8 @@ def compare_table(results: dict) -> str:
     head = ["arm"] + keys + ["optimizer steps", "task tokens", "general tokens", "trained tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, m in results.items():
-        cells = [arm] + [_cell(m, k) for k in keys] + [str(m.get("optimizer_steps", 0)), f"{m.get('task_tokens', 0):,}",
+        label = f"{arm} (= base: zero adapter)" if m.get("same_as_base") else arm
+        cells = [label] + [_cell(m, k) for k in keys] + [str(m.get("optimizer_steps", 0)), f"{m.get('task_tokens', 0):,}",
                                                       f"{m.get('general_tokens', 0):,}", f"{m.get('trained_tokens', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + _retention_lines(results)
@@ -110,8 +111,8 @@ def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> N
     """Write report.md and compare.png for a `tell compare` run into out_dir."""
     out_dir = Path(out_dir)
     plot_compare(results, out_dir / "compare.png")
-    stage_lines = [f"| {arm} | {t.get('train_s', '–')} | {t.get('eval_s', '–')} |"
-                   for arm, t in summary["stage_wall_s"].items()]
+    stage_lines = [f"| {arm} | {t.get('prepare_s', '–')} | {t.get('train_s', '–')} | {t.get('eval_s', '–')} | "
+                   f"{t.get('general_loss_s', '–')} |" for arm, t in summary["stage_wall_s"].items()]
     text = f"""# tell compare — {summary['task']}
 
 {summary['task_rows']} task rows, general:task ratio {summary['ratio']}, {summary['test_rows']} test rows
@@ -119,7 +120,7 @@ def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> N
 
 {compare_table(results)}
 
-Fractions in %, chrF/BLEU on sacrebleu's 0–100 scale; brackets: 95% bootstrap interval.
+Fractions in %, chrF/BLEU on sacrebleu's 0–100 scale; brackets: 95% bootstrap interval.{_same_as_base_note(results)}
 Arms: `base` untrained; `base-anchor` untrained with the anchor in the prompt; `sft` task rows only
 (the paper's setting); `sft-matched` task rows repeated for TELL's number of optimizer steps; `tell`
 anchor + token-ratio shuffle; `general` TELL's general rows without the task rows.
@@ -135,13 +136,26 @@ on these test rows; overlapping intervals mean this run cannot tell the arms apa
 
 ## Wall time per stage (s)
 
-| arm | train | eval |
-|---|---|---|
+`prepare`: test rows, training rows, TELL's mix (for its step count) and the held-out rows; per arm: training,
+generation and scoring of the test rows, the held-out general loss.
+
+| arm | prepare | train | eval | general loss |
+|---|---|---|---|---|
 {chr(10).join(stage_lines)}
 
 Total: {summary['wall_s']} s (cached arms count as ~0).
 """
     (out_dir / "report.md").write_text(text, encoding="utf-8")
+
+
+def _same_as_base_note(results: dict) -> str:
+    """Return a sentence naming the arms that are the base model (zero adapter) and were not evaluated again."""
+    same = [arm for arm, m in results.items() if m.get("same_as_base")]
+    if not same:
+        return ""
+    return (f"\n**{', '.join(f'`{a}`' for a in same)}: the trained adapter is exactly zero** (every LoRA B matrix "
+            "is still 0 — with batch 16 and warmup 0.03, 15 rows make one optimizer step at learning rate 0), so "
+            "the arm is the base model: its answers and losses are the base model's, generated once and reused.")
 
 
 def rerender_compare_report(out_dir: str | Path) -> Path:
