@@ -73,12 +73,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="batches, each trained once per setting")
     parser.add_argument("--task-rows", type=int, default=15)
     parser.add_argument("--ratio", default="3")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="training dtype (auto: bf16 where the CPU computes it natively, else fp32)")
     args = parser.parse_args()
     settings = dict(parse_setting(s) for s in args.setting)
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
     import torch
-    from train_throughput import build_mix
+    from train_throughput import benchmark_dtype, build_mix, cpu_kind
     from tell.config import ModelConfig, TrainConfig
     from tell.model import load_model
     from tell.train import _train_step, add_lora, epoch_batches, training_rows
@@ -87,13 +89,14 @@ def main() -> None:
     cfg = TrainConfig()
     rows = training_rows(tokenizer, build_mix(args.task_rows, args.ratio, tokenizer), 10**9)
     batches = epoch_batches(rows, cfg.batch_size, 1, cfg.seed)
-    model = add_lora(model.to(torch.bfloat16), cfg)
+    autocast = torch.bfloat16 if benchmark_dtype(args.dtype) == "bf16" else None
+    model = add_lora(model.to(autocast) if autocast else model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
 
     def step(batch) -> int:
-        return _train_step(model, batch, cfg, tokenizer.pad_token_id, torch.device("cpu"), torch.bfloat16,
+        return _train_step(model, batch, cfg, tokenizer.pad_token_id, torch.device("cpu"), autocast,
                            params, optimizer)["tokens"]
     step(batches[0])  # warm-up, not counted
     defaults = {path: getattr(*owner_and_name(path, cfg)) for values in settings.values() for path in values}
@@ -105,6 +108,7 @@ def main() -> None:
             totals[name][1] += step(batch)
             totals[name][0] += time.perf_counter() - start
     print(json.dumps({"benchmark": "train_ab", "steps": min(args.steps, len(batches) - 1),
+                      "dtype": "bf16" if autocast else "fp32", "cpu": cpu_kind(),
                       "tokens_per_s": {name: round(t / s, 1) for name, (s, t) in totals.items()},
                       "settings": settings}))
 

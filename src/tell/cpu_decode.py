@@ -256,23 +256,30 @@ def _filled(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys[..., :filled, :], layer.values[..., :filled, :]
 
 
+# Keep the shared prefix's keys/values once for all rows (else copy them into every row, as a padded prefill
+# would): decode attention then reads them once per step instead of once per row.
+SHARE_PREFIX = True
+
+
 def _left_padded(model, packed_cache, prefix_length: int, lengths: list[int], bounds: list[int]):
     """Return the decode cache: per layer the prefix once (the layer's `prefix`) and a (B, KV, W, d) buffer of
-    each row's keys/values right-aligned after zeros."""
+    each row's keys/values right-aligned after zeros (with SHARE_PREFIX off: the prefix, zeros, the row's)."""
     width = max(lengths)
+    shared = prefix_length if SHARE_PREFIX else 0
+    copied = prefix_length - shared
     cache = new_cache(model)
     for layer_index, layer in enumerate(packed_cache.layers):
         keys, values = layer.keys[0], layer.values[0]  # (KV, P + T, d)
         laid = []
         for states in (keys, values):
-            batch = states.new_zeros(len(lengths), states.shape[0], width, states.shape[-1])
+            batch = states.new_zeros(len(lengths), states.shape[0], copied + width, states.shape[-1])
+            batch[:, :, :copied] = states[:, :copied]
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                batch[i, :, width - (b - a):] = states[:, prefix_length + a:prefix_length + b]
+                batch[i, :, copied + width - (b - a):] = states[:, prefix_length + a:prefix_length + b]
             laid.append(batch)
         cache.update(laid[0], laid[1], layer_index)
-        if prefix_length:
-            cache.layers[layer_index].prefix = (keys[None, :, :prefix_length].clone(),
-                                                 values[None, :, :prefix_length].clone())
+        if shared:
+            cache.layers[layer_index].prefix = (keys[None, :, :shared].clone(), values[None, :, :shared].clone())
     return cache
 
 
