@@ -194,7 +194,8 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
 
 def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
     """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
-    from tell.train import check_tracker, dist_context, train_lora
+    from tell.trackers import check_tracker
+    from tell.train import dist_context, train_lora
     rank, _ = dist_context()
     if rank == 0:
         announce(cfg)
