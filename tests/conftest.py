@@ -16,6 +16,11 @@ import torch
 # huggingface_hub reads these once at import time, so they must be set before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The trackers' tests must not reach the network: W&B offline and without error reports, no MLflow telemetry
+# (MLflow reads part of this at import time too).
+TRACKERS_OFFLINE = {"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false", "WANDB_SILENT": "true",
+                    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+os.environ.update(TRACKERS_OFFLINE)
 
 # The tiny model gains nothing from threads, and on a shared 2-core machine extra threads only spin.
 torch.set_num_threads(1)
@@ -40,6 +45,9 @@ def _hermetic(monkeypatch, request, tmp_path_factory):
     """Fail any hub access; keep the GGUF cache in a temp dir except for tests of the real model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    for name, value in TRACKERS_OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # runs keep their MLflow store in the run dir
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     if request.node.get_closest_marker("slow") is None:

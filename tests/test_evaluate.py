@@ -326,8 +326,8 @@ def test_growing_cache_gives_the_default_cache_logits(tiny_model_dir, monkeypatc
         ids = torch.randint(5, 200, (1, 7))
         mask = torch.ones(3, 7, dtype=torch.long)
         with torch.inference_mode(), generate.cached_attention(model):
-            a = model(input_ids=ids, past_key_values=growing, use_cache=True).logits
-            b = model(input_ids=ids, past_key_values=default, use_cache=True).logits
+            a = model(input_ids=ids, cache=growing, use_cache=True).logits
+            b = model(input_ids=ids, cache=default, use_cache=True).logits
             growing.batch_repeat_interleave(3)
             default.batch_repeat_interleave(3)
             for step in range(5):
@@ -338,8 +338,8 @@ def test_growing_cache_gives_the_default_cache_logits(tiny_model_dir, monkeypatc
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 token = torch.randint(5, 200, (mask.shape[0], 1))
                 kwargs = {"attention_mask": mask} if with_mask else {}
-                a = model(input_ids=token, past_key_values=growing, use_cache=True, **kwargs).logits
-                b = model(input_ids=token, past_key_values=default, use_cache=True, **kwargs).logits
+                a = model(input_ids=token, cache=growing, use_cache=True, **kwargs).logits
+                b = model(input_ids=token, cache=default, use_cache=True, **kwargs).logits
                 torch.testing.assert_close(a, b)
         assert type(growing.layers[0]).__name__ == "GrowingLayer"
         assert growing.get_seq_length() == default.get_seq_length() == 12

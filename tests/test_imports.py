@@ -15,7 +15,7 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "train", "generate", "metrics", "tasks", "evaluate",
+ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "generate", "export", "metrics", "task_files", "tasks", "evaluate",
          "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
 ALLOWED = {("config", "data")}
 

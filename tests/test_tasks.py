@@ -136,6 +136,60 @@ def test_clean_translation_and_news_scores():
     assert tasks.news_row_scores(["Sure, here is the Icelandic translation: xyz"], [ref])[0] < 20.0
 
 
+# --- built-in tasks on a user's test file ------------------------------------------------------
+
+def _rows_file(tmp_path, rows, name="mine.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_halu_on_a_user_file_keeps_prompts_metrics_and_a_disjoint_training_pool(tmp_path, pool_rows):
+    default = tasks.get_task("halu-cot-json")
+    drawn = default.train_examples(15, 42)  # what compare would train on without the user's file
+    by_line = dict(pool_rows)
+    user = [{"prompt": tasks.halu_prompt(by_line[e.line]["user_query"], by_line[e.line]["chatgpt_response"]),
+             "response": by_line[e.line]["hallucination"]} for e in drawn[:5]]
+    user.append({"prompt": "Short check.\n'user_query' : Who wrote Hamlet?\n'chatgpt_response' : Dickens.",
+                 "response": "Yes"})
+    task = tasks.get_task("halu-cot-json", test_file=_rows_file(tmp_path, user))
+    rows = task.test_rows(None, 0)
+    assert task.name == "halu-cot-json" and task.max_new_tokens == 192
+    assert [r.messages[0]["content"] for r in rows] == [u["prompt"] for u in user]  # the row's own prompt
+    assert [r.reference for r in rows] == [u["response"] for u in user]
+    assert rows[0].id.startswith("halu-cot-json:mine.jsonl@") and rows[-1].id.endswith(":6")
+    outputs = [json.dumps({"thought": "t", "hallucination": u["response"].lower()}) for u in user]
+    assert task.score(outputs, [r.reference for r in rows])["label_accuracy"] == 1.0  # "Yes" scores as "yes"
+    # the user's queries leave the training pool (they were in it, and in the default draw)
+    pool = task.train_examples(None, 0)
+    user_queries = {tasks.halu_query_of(u["prompt"]) for u in user}
+    assert len(pool) == len(default.train_examples(None, 0)) - 5
+    assert not user_queries & {by_line[e.line]["user_query"] for e in pool}
+    assert not {e.id for e in drawn[:5]} & {e.id for e in task.train_examples(15, 42)}
+    assert tasks.halu_train_pool().examples == tuple(default.train_examples(None, 0))  # default unchanged
+
+
+def test_news_on_a_user_file_builds_the_two_shot_prompt_from_the_query(tmp_path):
+    dev = read_records(tasks.NEWS_DIR / "dev-en-is.jsonl")
+    user = [{"query": "This text is in English. Translate it.\n\nGood morning.", "response": "Góðan dag."},
+            {"query": dev[3][1]["query"], "response": dev[3][1]["response"]}]  # a dev row: must not train
+    task = tasks.get_task("is-en-news:en-is", test_file=_rows_file(tmp_path, user))
+    rows = task.test_rows(None, 0)
+    assert [r.messages[0]["content"] for r in rows] == [tasks.news_prompt("en-is", u["query"]) for u in user]
+    assert [r.reference for r in rows] == [u["response"] for u in user] and task.max_new_tokens == 512
+    train = task.train_examples(None, 0)
+    assert len(train) == len(dev) - 1 and user[1]["query"] not in {e.messages[0]["content"] for e in train}
+    assert task.score(["Góðan dag.", user[1]["response"]], [r.reference for r in rows])["chrf"] > 99
+
+
+def test_a_built_in_task_keeps_its_own_metric(tmp_path):
+    path = _rows_file(tmp_path, [{"query": "q", "response": "r"}])
+    with pytest.raises(TellInputError, match="built-in task and scores with its own metrics"):
+        tasks.get_task("is-en-news:is-en", test_file=path, metric="exact")
+    with pytest.raises(TellInputError, match=r"mine.jsonl:1 \(field 'prompt'\)"):
+        tasks.get_task("halu-cot-json", test_file=path)
+
+
 # --- user tasks -------------------------------------------------------------------------------
 
 def _write_jsonl(path, rows):
@@ -220,7 +274,7 @@ def test_user_task_errors(user_files, tmp_path):
         tasks.get_task("u", test_file=test, metric="regex", pattern="(unclosed")
     with pytest.raises(TellInputError, match="file not found"):
         tasks.get_task("u", test_file=tmp_path / "missing.jsonl", metric="exact")
-    with pytest.raises(TellInputError, match="built-in task"):
+    with pytest.raises(TellInputError, match="built-in task and scores with its own metrics"):
         tasks.get_task("halu-cot-json", test_file=test, metric="exact")
 
 

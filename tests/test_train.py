@@ -12,7 +12,7 @@ import torch
 from tell.config import MixConfig, ModelConfig, TrainConfig
 from tell.data import Example, load_examples
 from tell.mix import build_mix
-from tell.model import load_model
+from tell.model import load_model, quiet_peft
 from tell.packing import Row, collate, micro_batches, token_losses
 from tell.train import add_lora, epoch_batches, plan_schedule, read_log, train_lora, training_rows
 
@@ -77,7 +77,8 @@ def test_saved_adapter_reloads_to_identical_logits(trained, tiny_model_dir, tiny
     from peft import PeftModel
     _, peft_model, _, out = trained
     assert (out / "adapter" / "adapter_config.json").is_file()
-    reloaded = PeftModel.from_pretrained(fresh_model(tiny_model_dir)[0], str(out / "adapter")).eval()
+    with quiet_peft():
+        reloaded = PeftModel.from_pretrained(fresh_model(tiny_model_dir)[0], str(out / "adapter")).eval()
     ids = torch.tensor([tiny_tokenizer("The capital of France is")["input_ids"]])
     with torch.no_grad():
         expected = peft_model.eval()(input_ids=ids).logits

@@ -142,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     _add_common(compare, "compare")
     _add_sweep_verbs(verbs)
+    ship = verbs.add_parser("export-model", help="merge a run's adapter into its base and write it as a "
+                            "transformers directory or a GGUF (with the anchor and a README on prompting it)")
+    ship.add_argument("--run", required=True, help="run directory written by `tell train`")
+    ship.add_argument("--out", required=True, help="output directory")
+    ship.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf (transformers/vLLM, default) "
+                      "or gguf (llama.cpp/Ollama; Llama-architecture models)")
+    ship.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "bf16", "q8_0"],
+                      help="GGUF weight type (auto = the base model's dtype; q8_0 is ~4x smaller than f32)")
+    ship.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    ship.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -245,6 +255,12 @@ def _dispatch(args, extra) -> int:
     from tell import experiment
     if args.verb in ("sweep", "report"):
         return _dispatch_sweep(args, extra)
+    if args.verb == "export-model":
+        if extra:
+            raise TellInputError(f"unrecognised argument {extra[0]!r} (see tell export-model --help)")
+        files = experiment.run_export_model(args.run, args.out, args.format, args.gguf_type, args.overwrite)
+        print(f"[tell] {args.format} export of {args.run} written to {args.out}: {', '.join(files)}")
+        return 0
     cfg = config_from_args(args, extra)
     if getattr(args, "print_config", False):
         import yaml

@@ -194,7 +194,8 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
 
 def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
     """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
-    from tell.train import check_tracker, dist_context, train_lora
+    from tell.trackers import check_tracker
+    from tell.train import dist_context, train_lora
     rank, _ = dist_context()
     if rank == 0:
         announce(cfg)
@@ -333,3 +334,14 @@ def run_export(cfg: RunConfig, rows: int, out_path: str) -> int:
         for e in examples:
             f.write(json.dumps({"messages": list(e.messages)}, ensure_ascii=False) + "\n")
     return len(examples)
+
+
+def run_export_model(run_dir: str, out: str, fmt: str = "hf", gguf_type: str = "auto",
+                     overwrite: bool = False) -> list[str]:
+    """Export a finished run (base + merged adapter, anchor, README) to `out` as a transformers directory or a
+    GGUF; return the files written. Everything is checked before the weights load."""
+    from tell.export import check_export, export_model
+    check_export(run_dir, fmt, gguf_type)
+    check_output(out, overwrite)
+    with staged_output(out, overwrite) as tmp:
+        return export_model(run_dir, tmp, fmt, gguf_type)

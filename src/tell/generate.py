@@ -17,7 +17,7 @@ from tell.config import GenerateConfig, ModelConfig, RunConfig, config_from_dict
 from tell.data import TellInputError
 from tell.mix import render_prompt
 from tell.cpu_decode import cached_attention, new_cache, packed_prefill, packs
-from tell.model import autocast_dtype, load_model, pick_device, resolve_model_path
+from tell.model import autocast_dtype, load_model, pick_device, quiet_peft, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
         cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
     model, tokenizer = load_model(cfg.model)
     adapter = str(Path(run_dir) / "adapter")
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with quiet_peft():
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return LoadedRun(_for_inference(model, cfg.model), tokenizer, anchor, cfg.anchor.placement, cfg,
                      str(resolve_model_path(cfg.model.name)), adapter)
 
@@ -180,8 +181,8 @@ def shared_prefix(model, encoded: list[list[int]], device, min_tokens: int = 32)
     if length < min_tokens:
         return None
     ids = torch.tensor([first[:length]], device=device)
-    out = model(input_ids=ids, past_key_values=new_cache(model), use_cache=True, logits_to_keep=1)
-    return SharedPrefix(length, out.past_key_values, ids)
+    out = model(input_ids=ids, cache=new_cache(model), use_cache=True, logits_to_keep=1)
+    return SharedPrefix(length, out.cache, ids)
 
 
 def _prefill(model, ids, mask, prefix: SharedPrefix | None):
@@ -193,18 +194,18 @@ def _prefill(model, ids, mask, prefix: SharedPrefix | None):
         return packed_prefill(model, rows, prefix)
     if prefix is None:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions count real tokens only
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=new_cache(model),
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=new_cache(model),
                     use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1].float(), mask
+        return out.cache, out.logits[:, -1].float(), mask
     import copy
     cache = copy.deepcopy(prefix.cache)
     cache.batch_repeat_interleave(ids.shape[0])
     # Padding now sits between the shared prefix and each row's own tokens; the mask hides it.
     positions = prefix.length + (mask.cumsum(-1) - 1).clamp_min(0)
     full_mask = torch.cat([torch.ones((ids.shape[0], prefix.length), dtype=mask.dtype, device=mask.device), mask], 1)
-    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1].float(), full_mask
+    return out.cache, out.logits[:, -1].float(), full_mask
 
 
 def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConfig, max_new_tokens: int,
@@ -234,7 +235,7 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
         positions = mask.sum(-1, keepdim=True)  # left padding: a row's next position is its token count
         mask = torch.cat([mask, torch.ones_like(chosen)[:, None]], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         logits = out.logits[:, -1].float()
     return answers
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,3 +153,13 @@ def attention_routed(config, name: str, function, mask_function=None):
         yield
     finally:
         config._attn_implementation = previous
+
+
+@contextmanager
+def quiet_peft():
+    """Context for wrapping a model with PEFT: PEFT 0.21 reads transformers' deprecated
+    `is_gradient_checkpointing`, a FutureWarning about the two libraries' internals that tells the user
+    nothing about the run; only that warning, and only here, is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -1,6 +1,7 @@
 """Stage — tasks: the built-in task registry (Halu-CoT-JSON, IS-EN news) and user-defined tasks.
 
-In: a task name, or a user test file with a metric (plus a schema file or regex where needed).
+In: a task name (with, optionally, a user test file in the format of the task's shipped test rows), or a
+user test file with a metric (plus a schema file or regex where needed).
 Out: a ``Task``: seeded training ``Example`` samples (source "task"), seeded ``TestRow`` samples
 (prompt messages and reference), and the task's scoring functions and generation budget.
 """
@@ -20,6 +21,7 @@ import jsonschema
 
 from tell import metrics
 from tell.data import DATASETS_DIR, Example, FieldMap, TellInputError, read_records, record_to_messages
+from tell.task_files import RowFormat, file_digest, read_test_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +92,14 @@ def read_task_examples(path: str | Path, id_prefix: str) -> list[Example]:
                     line) for line, rec in read_records(path)]
 
 
+def _file_rows(task: str, test_file: str | Path, records: list[tuple[int, str, str]],
+               prompt_of: Callable[[str], str]) -> tuple[TestRow, ...]:
+    """Return a built-in task's test rows from a user file's records; ids carry the file's digest, so
+    cached results follow the file's content."""
+    prefix = f"{task}:{Path(test_file).name}@{file_digest(test_file)}"
+    return tuple(TestRow(f"{prefix}:{line}", (_user(prompt_of(text)),), answer) for line, text, answer in records)
+
+
 # --- halu-cot-json ----------------------------------------------------------------------------
 
 HALU_TEST_FILE = DATASETS_DIR / "halu_cot_json_test.jsonl"
@@ -103,6 +113,7 @@ _RESPONSE = "\n'chatgpt_response' : "
 HALU_NO_THOUGHT = ("The response answers the query consistently and contains no factual errors "
                    "or unsupported claims.")
 HALU_YES_GENERIC = "The response contains factual errors or unsupported claims, so it is a hallucination."
+HALU_TEST_FORMAT = RowFormat("prompt", "response", ("yes", "no"), (_QUERY, _RESPONSE), "Halu-CoT-JSON")
 
 
 @lru_cache(maxsize=1)
@@ -191,13 +202,17 @@ def in_halu_test(user_query: str) -> bool:
     return user_query in halu_test_queries() or user_query in _halu_test_text()
 
 
-@lru_cache(maxsize=1)
-def halu_train_pool() -> HaluTrainPool:
-    """Return the HaluEval training pool, disjoint from the test prompts (by query, and by
-    containment of the query text anywhere in a test prompt as a second guard)."""
+@lru_cache(maxsize=4)
+def halu_train_pool(user_test_prompts: tuple[str, ...] = ()) -> HaluTrainPool:
+    """Return the HaluEval training pool, disjoint from the shipped test prompts and from
+    `user_test_prompts` (a user's test file): by query, and by containment of the query text anywhere in
+    a test prompt as a second guard."""
+    user_queries = {halu_query_of(p) for p in user_test_prompts}
+    user_text = "\x00".join(user_test_prompts)
     examples, in_test, too_long = [], 0, 0
     for line, row in read_records(HALU_POOL_FILE):
-        if in_halu_test(row["user_query"]):
+        query = row["user_query"]
+        if in_halu_test(query) or query in user_queries or (user_text and query in user_text):
             in_test += 1
             continue
         prompt = halu_prompt(row["user_query"], row["chatgpt_response"])
@@ -217,12 +232,16 @@ def _halu_test_rows() -> tuple[TestRow, ...]:
                  for line, rec in _halu_test_records())
 
 
-def _halu_task() -> Task:
+def _halu_task(test_file: str | Path | None = None) -> Task:
     # Training keeps HaluEval's natural label mix (~18% "yes"), like the test set's (~19%).
+    rows, held_out = _halu_test_rows(), ()
+    if test_file is not None:  # the user's rows; HaluEval rows with their queries leave the training pool
+        records = read_test_file(test_file, HALU_TEST_FORMAT)
+        rows, held_out = _file_rows("halu-cot-json", test_file, records, str), tuple(p for _, p, _ in records)
     return Task(
         name="halu-cot-json",
-        train_examples=lambda n, seed: _train_sample(halu_train_pool().examples, n, seed, "halu-cot-json"),
-        test_rows=lambda limit, seed: seeded_sample(_halu_test_rows(), limit, seed),
+        train_examples=lambda n, seed: _train_sample(halu_train_pool(held_out).examples, n, seed, "halu-cot-json"),
+        test_rows=lambda limit, seed: seeded_sample(rows, limit, seed),
         score=metrics.halu_json_scores,
         row_scores=metrics.halu_json_row_scores,
         max_new_tokens=192,
@@ -286,12 +305,21 @@ def _news_test_rows(direction: str) -> tuple[TestRow, ...]:
                  for e in _news_examples("test", direction))
 
 
-def _news_task(direction: str) -> Task:
+NEWS_TEST_FORMAT = RowFormat("query", "response", what="IS-EN-NEWS")
+
+
+def _news_task(direction: str, test_file: str | Path | None = None) -> Task:
     name = f"is-en-news:{direction}"
+    rows, train = _news_test_rows(direction), _news_examples("dev", direction)
+    if test_file is not None:
+        records = read_test_file(test_file, NEWS_TEST_FORMAT)
+        rows = _file_rows(name, test_file, records, lambda query: news_prompt(direction, query))
+        queries = {query for _, query, _ in records}
+        train = tuple(e for e in train if e.messages[0]["content"] not in queries)  # a test row never trains
     return Task(
         name=name,
-        train_examples=lambda n, seed: _train_sample(_news_examples("dev", direction), n, seed, name),
-        test_rows=lambda limit, seed: seeded_sample(_news_test_rows(direction), limit, seed),
+        train_examples=lambda n, seed: _train_sample(train, n, seed, name),
+        test_rows=lambda limit, seed: seeded_sample(rows, limit, seed),
         score=news_scores,
         row_scores=news_row_scores,
         max_new_tokens=512,
@@ -300,10 +328,11 @@ def _news_task(direction: str) -> Task:
 
 # --- registry ---------------------------------------------------------------------------------
 
-TASKS: dict[str, Callable[[], Task]] = {
+# name -> Task builder; the optional argument is a user test file in the format of the task's own test rows
+TASKS: dict[str, Callable[..., Task]] = {
     "halu-cot-json": _halu_task,
-    "is-en-news:en-is": lambda: _news_task("en-is"),
-    "is-en-news:is-en": lambda: _news_task("is-en"),
+    "is-en-news:en-is": lambda test_file=None: _news_task("en-is", test_file),
+    "is-en-news:is-en": lambda test_file=None: _news_task("is-en", test_file),
 }
 ALIASES = {"is-en-news": "is-en-news:en-is", "en-is": "is-en-news:en-is", "is-en": "is-en-news:is-en"}
 
@@ -411,14 +440,20 @@ def get_task(name: str, test_file: str | Path | None = None, metric: str | None 
              train_file: str | Path | None = None) -> Task:
     """Return a built-in task by name (or alias), or a user task when `test_file` is given.
 
-    A user task is named `name` (``user`` if empty); its test file holds prompt/answer rows in
-    any shape data.record_to_messages reads, and `metric` is one of USER_METRICS.
+    A built-in task with a `test_file` evaluates on its rows, which have the format of the task's shipped
+    test rows (Halu-CoT-JSON: prompt + response yes/no; IS-EN-NEWS: query + response), with the task's own
+    prompts and metrics; its training rows stay disjoint from them. A user task is named `name` (``user``
+    if empty); its test file holds prompt/answer rows in any shape data.record_to_messages reads, and
+    `metric` is one of USER_METRICS.
     """
     canonical = ALIASES.get(name, name)
     if test_file is not None:
         if canonical in TASKS:
-            raise TellInputError(f"'{name}' is a built-in task; drop the test file or name the user task "
-                                 f"differently (e.g. 'user')", field="task")
+            if metric or schema_file or pattern:
+                raise TellInputError(f"'{name}' is a built-in task and scores with its own metrics; drop the "
+                                     "metric (or name your task differently, e.g. 'user', to score it with "
+                                     f"'{metric or 'that metric'}')", field="metric")
+            return TASKS[canonical](test_file)
         return _user_task(name or "user", test_file, metric, schema_file, pattern, train_file)
     if canonical not in TASKS:
         message = did_you_mean("task", name, [*TASKS, *ALIASES])

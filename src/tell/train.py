@@ -26,6 +26,8 @@ from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.fused_lora import fuse_lora_layers
 from tell.mix import Mix, encode_examples
+from tell.model import quiet_peft
+from tell.trackers import open_tracker
 from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
                           micro_batches, packed_micro_batches, token_losses)
 
@@ -69,7 +71,8 @@ def add_lora(model, cfg: TrainConfig):
                       target_modules=[m.strip() for m in cfg.target_modules.split(",") if m.strip()],
                       task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, lora)
+        with quiet_peft():
+            peft_model = get_peft_model(model, lora)
     except ValueError as err:
         raise TellInputError(f"cannot add LoRA: {err}", None, None, "train.target_modules") from None
     _sparse_lora_dropout(peft_model)  # for any layer the fused path leaves to PEFT
@@ -95,50 +98,26 @@ def flops_per_token(model) -> tuple[float, float]:
 class StepLogger:
     """Append step records to train_log.jsonl (flushed each step) and stream them to a tracker."""
 
-    def __init__(self, path: Path, report_to: str, run_config: dict):
+    def __init__(self, path: Path, report_to: str, run_config: dict, first_step: int = 1):
         self.file = open(path, "a", encoding="utf-8")
-        self.tracker = _open_tracker(report_to, path.parent, run_config)
+        self.tracker = open_tracker(report_to, path.parent, run_config, first_step)
+        self.last_step = first_step - 1
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.last_step = record["step"]
         if self.tracker:
-            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-            self.tracker(metrics, record["step"])
+            # every number of the record, under its train_log.jsonl key; the step is the tracker's x axis
+            metrics = {k: v for k, v in record.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.tracker.log(metrics, record["step"])
 
-    def close(self) -> None:
+    def close(self, total_steps: int) -> None:
+        """Close the log and the tracker; its run counts as finished when the last step was logged."""
         self.file.close()
-
-
-def check_tracker(report_to: str) -> None:
-    """Raise before training when the chosen tracker library is not installed."""
-    module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(report_to)
-    if module is None:
-        return
-    try:
-        __import__(module)
-        if report_to == "tensorboard":
-            __import__("tensorboard")
-    except ImportError:
-        raise TellInputError(f"--report-to {report_to} needs the '{report_to}' package: pip install "
-                             f"{report_to}", None, None, "train.report_to") from None
-
-
-def _open_tracker(report_to: str, out_dir: Path, run_config: dict):
-    check_tracker(report_to)
-    if report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-        return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] and writer.flush()
-    if report_to == "wandb":
-        import wandb
-        wandb.init(project="tell", config=run_config, dir=str(out_dir))
-        return lambda m, step: wandb.log(m, step=step)
-    if report_to == "mlflow":
-        import mlflow
-        mlflow.start_run()
-        return lambda m, step: mlflow.log_metrics(m, step=step)
-    return None
+        if self.tracker:
+            self.tracker.close(completed=self.last_step >= total_steps)
 
 
 def dist_context() -> tuple[int, int]:
@@ -211,12 +190,13 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     per_token, per_label = flops_per_token(model)
     rank, world = dist_context()
-    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to if rank == 0 else "none", run_config or {})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     totals, done, before = {"tokens": 0, "labels": 0, "flops": 0.0}, 0, 0.0
     if resume and has_checkpoint(out_dir):
         done, totals, before = load_checkpoint(out_dir, model, optimizer, scheduler)
         trim_log(out_dir / "train_log.jsonl", done)
+    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to if rank == 0 else "none", run_config or {},
+                        first_step=done + 1)
     start, record = time.perf_counter() - before, {}
     bar = tqdm(total=len(batches), initial=done, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     try:
@@ -237,7 +217,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
                 save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start)
     finally:
         bar.close()
-        logger.close()
+        logger.close(len(batches))
     wall = time.perf_counter() - start
     if rank != 0:
         model.eval()
