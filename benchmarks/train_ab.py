@@ -6,7 +6,7 @@ change cannot be read off two separate runs. Here every optimizer batch of the b
 batch, and each setting's tokens/s is summed over the same batches. Prints one JSON object.
 
 A setting is a name and the values it assigns (every other path a setting touches keeps its default): ``module.ATTR`` (a module attribute, e.g.
-``tell.packing.SHORT_ROW``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (one of the TrainConfig
+``tell.packing.BIAS_CACHE_BYTES``), ``module.Class.ATTR`` (a class attribute) or ``cfg.FIELD`` (one of the TrainConfig
 fields a training step reads: the model, its LoRA layers and the optimizer are built once, before any
 setting applies, and every setting trains the same model in turn, so a batch gets one optimizer step per
 setting; that changes the figures' weights, not the work of a step). A module attribute must be read where

@@ -78,8 +78,9 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       scaling=scaling, **kwargs)
     edges = bounds.tolist()
     outputs = []
+    short_row = SHORT_ROW.get(_DTYPE_NAMES.get(query.dtype), 0) if query.device.type == "cpu" else 0
     for a, b in zip(edges[:-1], edges[1:]):
-        if b - a <= SHORT_ROW and dropout == 0 and query.device.type == "cpu":
+        if b - a <= short_row and dropout == 0:
             outputs.append(_matmul_causal_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                                     scaling or query.shape[-1] ** -0.5))
         else:
@@ -88,10 +89,13 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return torch.cat(outputs, dim=1), None
 
 
-# Rows up to this length use matmul attention: on the 2-core CPU its forward + backward (bf16, 9 query and
-# 3 KV heads of 64) takes 0.6 / 1.6 / 5.9 ms at 150 / 300 / 600 tokens vs 2.8 / 5.8 / 17.5 ms for the SDPA flash
-# kernel; they meet near 800 tokens, and past that the flash kernel also keeps less memory.
-SHORT_ROW = 768
+# Rows up to this length use matmul attention, by the dtype attention runs in. bf16 (a 2-core avx512_bf16 CPU,
+# 9 query and 3 KV heads of 64): forward + backward 0.6 / 1.6 / 5.9 ms at 150 / 300 / 600 tokens vs 2.8 / 5.8 /
+# 17.5 ms for SDPA's flash kernel; they meet near 800 tokens. fp32 (a 2-core avx2-only CPU): the flash kernel is
+# as fast at every length (paired, 6 steps: 179.5 tok/s vs 174.8 with matmul attention up to 768 tokens) and
+# keeps less memory, so it runs everywhere. PERFORMANCE.md has both tables.
+SHORT_ROW = {"bf16": 768, "fp32": 0}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _matmul_causal_attention(query, key, value, scaling: float) -> torch.Tensor:
