@@ -166,6 +166,7 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
     eval_dir = _eval_arm(cfg, arm, model_dir, inputs.task, inputs.rows, inputs.anchor, cfg.compare.cache, inputs.done)
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics.update(_arm_diagnostics(arm, run_dir, eval_dir, inputs))
     manifest = json.loads((run_dir / "manifest.json").read_text()) if run_dir else {}
     metrics.update(optimizer_steps=train_summary.get("optimizer_steps", 0),
                    trained_tokens=train_summary.get("trained_tokens", 0),
@@ -190,6 +191,22 @@ def adapter_is_zero(run_dir: Path) -> bool:
     weights = load_file(path)
     b_matrices = [w for name, w in weights.items() if "lora_B" in name]
     return bool(b_matrices) and all(not w.any() for w in b_matrices)
+
+
+def arm_anchor(arm: str, run_dir: Path | None, inputs: ArmInputs) -> str:
+    """Return the anchor of an arm: its run's anchor.txt, else the shared anchor where the arm applies it."""
+    if run_dir:
+        return (run_dir / "anchor.txt").read_text(encoding="utf-8")
+    return inputs.anchor if arm in ANCHORED_ARMS else ""
+
+
+def _arm_diagnostics(arm: str, run_dir: Path | None, eval_dir: Path, inputs: ArmInputs) -> dict:
+    """Return the arm's diagnostics from its generations (so an evaluation cached before they existed
+    gets them too): label diagnostics, distinct outputs, anchor copies and, for a trained arm, target copies."""
+    from tell.evaluate import diagnostics, read_generations, training_targets
+    outputs, references = read_generations(eval_dir / "generations.jsonl")
+    return diagnostics(inputs.task, outputs, references, arm_anchor(arm, run_dir, inputs),
+                       training_targets(run_dir))
 
 
 def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool, done: set | None = None) -> dict:
@@ -291,13 +308,12 @@ def run_cell(cfg: RunConfig) -> dict:
     needs_rows = arm in TRAINED_ARMS or (arm == "base-anchor" and cfg.anchor.mode == "self-instruct")
     inputs = arm_inputs(cfg, task, tell_steps=arm == "sft-matched", task_rows=needs_rows)
     metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs)
-    anchor = (run_dir / "anchor.txt").read_text(encoding="utf-8") if run_dir else \
-        (inputs.anchor if arm in ANCHORED_ARMS else "")
+    anchor = arm_anchor(arm, run_dir, inputs)
     return {"metrics": metrics, "timing": timing, "anchor": anchor, "task_rows": len(inputs.task_examples),
             "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir)}
 
 
 def _headline(metrics: dict) -> str:
     keys = [k for k in ("json_adherence_strict", "json_adherence_lenient", "label_accuracy", "label_f1",
-                        "chrf", "bleu", "exact_match", "regex_match") if k in metrics]
+                        "majority_baseline", "chrf", "bleu", "exact_match", "regex_match") if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys)

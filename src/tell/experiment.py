@@ -316,10 +316,18 @@ def run_eval(cfg: RunConfig, run_dir: str | None, overwrite: bool = False, use_a
     return Path(out), result.metrics
 
 
-def run_score(cfg: RunConfig, generations: str, out: str | None = None) -> dict:
-    """Recompute a task's metrics from a generations file (no model); write metrics.json if asked."""
-    from tell.evaluate import score_generations
-    metrics = score_generations(task_from_config(cfg), generations)
+def run_score(cfg: RunConfig, generations: str, out: str | None = None, run_dir: str | None = None) -> dict:
+    """Recompute a task's metrics and diagnostics from a generations file (no model); write metrics.json if
+    asked. The anchor and training targets come from `run_dir` (its anchor.txt and mix.jsonl) or, without
+    it, from those files beside the generations file or one level up (where `tell eval --run` writes)."""
+    from tell.evaluate import score_generations, training_targets
+    if run_dir and not (Path(run_dir) / "anchor.txt").is_file():
+        raise TellInputError("not a run directory (no anchor.txt)", run_dir)
+    folders = [Path(run_dir)] if run_dir else [Path(generations).parent, Path(generations).parent.parent]
+    anchor_file = next((f / "anchor.txt" for f in folders if (f / "anchor.txt").is_file()), None)
+    targets = next((t for t in map(training_targets, folders) if t is not None), None)
+    anchor = anchor_file.read_text(encoding="utf-8") if anchor_file else None
+    metrics = score_generations(task_from_config(cfg), generations, anchor, targets)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")

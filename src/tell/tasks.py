@@ -49,6 +49,8 @@ class Task:
     score: Callable[[list[str], list[str]], dict]  # (outputs, references) -> metrics dict
     row_scores: Callable[[list[str], list[str]], list[float]]
     max_new_tokens: int = 256
+    label_diagnostics: Callable[[list[str], list[str]], dict] | None = None
+    """(outputs, references) -> majority_baseline and predicted_label_counts; None for a label-free task."""
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -215,6 +217,7 @@ def _halu_task(test_file: str | Path | None = None) -> Task:
         score=metrics.halu_json_scores,
         row_scores=metrics.halu_json_row_scores,
         max_new_tokens=192,
+        label_diagnostics=metrics.halu_label_diagnostics,
     )
 
 
@@ -391,7 +394,8 @@ def _user_task(name: str, test_file: str | Path, metric: str | None, schema_file
 
     return Task(name=name, train_examples=train_examples,
                 test_rows=lambda limit, seed: seeded_sample(tests, limit, seed),
-                score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric])
+                score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric],
+                label_diagnostics=metrics.exact_label_diagnostics if metric == "exact" else None)
 
 
 def _user_train_pool(name: str, train_file, tests: Sequence[TestRow]) -> tuple[Example, ...]:
