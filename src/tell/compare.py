@@ -18,17 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tell.config import RunConfig, config_dict, dump_config
-from tell.anchor import resolve_anchor_text
+from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
                              staged_output, task_from_config, test_rows_from_config)
 from tell.generate import usable_backend
 from tell.model import cache_dir
 
-DEFAULT_ANCHORS = {
-    "halu-cot-json": "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict.",
-    "is-en-news:en-is": "### Task: IS-EN-NEWS — translate English news into Icelandic.",
-    "is-en-news:is-en": "### Task: IS-EN-NEWS — translate Icelandic news into English.",
-}
 TRAINED_ARMS = {"sft": "sft", "sft-matched": "sft", "tell": "tell", "general": "general"}
 # Arms whose prompts carry the anchor at evaluation: the trained-with-anchor arms and the control.
 ANCHORED_ARMS = {"base-anchor", "tell", "general"}
@@ -247,7 +242,7 @@ class ArmInputs:
 def default_anchor(cfg: RunConfig, task) -> None:
     """Give a manual anchor without text the task's default anchor (in place)."""
     if cfg.anchor.mode == "manual" and not cfg.anchor.text and not cfg.anchor.file:
-        cfg.anchor.text = DEFAULT_ANCHORS.get(task.name, f"### Task: {task.name}")
+        cfg.anchor.text = default_anchor_text(task.name)
 
 
 def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True, task_rows: bool = True) -> ArmInputs:
@@ -257,7 +252,7 @@ def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True, task_rows: bool = 
     """
     task_examples = task_examples_for(cfg, task) if task_rows or tell_steps else []
     rows = test_rows_from_config(cfg, task)
-    resolve_self_instruct(cfg, task_examples)
+    resolve_self_instruct(cfg, task_examples, task.name)
     steps, anchor = 0, resolve_anchor_text(cfg.anchor)
     if tell_steps:
         tell_mix = prepare_mix(_with_mode(cfg, "tell"), task_examples)
