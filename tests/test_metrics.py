@@ -239,6 +239,8 @@ def test_halu_label_diagnostics_count_labels_as_the_schema_spells_them():
     scores = metrics.halu_json_scores(outputs, gold)
     assert scores["label_accuracy"] == pytest.approx(2 / 7) and scores["label_accuracy"] < d["majority_baseline"]
     assert metrics.halu_label_diagnostics([], [])["predicted_label_counts"] == {"yes": 0, "no": 0, "none": 0}
+    sentence = '{"thought": "t", "hallucination": "2. The relationship between them is complex."}'
+    assert metrics.halu_counted_label(sentence) == "2. The relationship betw…"
 
 
 def test_exact_label_diagnostics():

@@ -330,6 +330,7 @@ SPAN_TOKENS = 8
 _WORD_SPLIT = re.compile(r"(?:\s|\\[nrt])+")
 _WORD_EDGES = string.punctuation + "“”‘’«»…"
 NO_LABEL = "none"
+LABEL_KEY_CHARS = 24  # an out-of-schema label is counted as written, up to this many characters
 
 
 def span_words(text: str) -> list[str]:
@@ -396,7 +397,8 @@ def halu_counted_label(output: str) -> str | None:
     ``yes``/``no``: the output is lenient-adherent (see parse_lenient) with that label — exactly the
     rows label_accuracy scores. Labels compare case-sensitively, as HALU_SCHEMA's enum does: when the
     first JSON object of a non-adherent output has a string ``hallucination`` outside the enum, that
-    string is returned as written (``"Yes"`` is its own label, scored wrong). Else None (no label).
+    string is returned as written (``"Yes"`` is its own label, scored wrong; a longer one than
+    LABEL_KEY_CHARS is cut there, with "…"). Else None (no label).
     """
     adherent = parse_lenient(output, HALU_SCHEMA)
     if adherent is not None:
@@ -404,7 +406,9 @@ def halu_counted_label(output: str) -> str | None:
     obj = first_json_object(output)
     value = obj.get("hallucination") if obj is not None else None
     enum = HALU_SCHEMA["properties"]["hallucination"]["enum"]
-    return value if isinstance(value, str) and value not in enum else None
+    if not isinstance(value, str) or value in enum:
+        return None
+    return value if len(value) <= LABEL_KEY_CHARS else value[:LABEL_KEY_CHARS] + "…"
 
 
 def halu_label_diagnostics(outputs: Sequence[str], references: Sequence[str]) -> dict:
