@@ -69,7 +69,7 @@ DEFAULT_ANCHORS = {
     "is-en-news:is-en": "### Task: IS-EN-NEWS — translate Icelandic news into English.",
 }
 # Asks what the task is, not what the answers are: an anchor that restates one example's answer teaches
-# the model to copy that answer to every input (the cpu-repro 16-row cell did, 47 of 48 outputs).
+# the model to copy that answer to every input (in the cpu-repro 16-row cell, 45-47 of 48 outputs did).
 DEFAULT_META_PROMPT = (
     "Here are {k} examples of one task, each an input and the expected output.\n\n{examples}\n\n"
     "Describe this task to an assistant in one or two sentences: what it must judge or produce from the "
@@ -77,14 +77,14 @@ DEFAULT_META_PROMPT = (
     "answer the examples and do not repeat their outputs. Reply with the description only.")
 WITHHELD = "..."
 KEPT_VALUE_WORDS = 3  # string values this short (labels such as "yes") stay when answers are withheld
+SELF_INSTRUCT_INPUT_CHARS = 600  # a Halu prompt is ~2,000 characters; 3 clipped rows keep the meta prompt ~1e3 tokens
+SELF_INSTRUCT_OUTPUT_CHARS = 300
+MAX_ANCHOR_CHARS = 600
 
 
 def default_anchor_text(task_name: str) -> str:
     """Return the task's default manual anchor (a generic '### Task: NAME' for tasks without one)."""
     return DEFAULT_ANCHORS.get(task_name, f"### Task: {task_name}")
-SELF_INSTRUCT_INPUT_CHARS = 600  # a Halu prompt is ~2,000 characters; 3 clipped rows keep the meta prompt ~1e3 tokens
-SELF_INSTRUCT_OUTPUT_CHARS = 300
-MAX_ANCHOR_CHARS = 600
 
 
 def _clip(text: str, limit: int) -> str:
