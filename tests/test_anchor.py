@@ -1,13 +1,14 @@
 """Tests of tell.anchor: user-prefix and system placement, empty anchor, anchor text and file checks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tell.anchor import anchored_examples, anchored_messages, resolve_anchor_text
 from tell.config import AnchorConfig
-from tell.data import TellInputError, load_examples
+from tell.data import Example, TellInputError, load_examples
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ANCHOR = "Answer as a careful fact checker."
@@ -86,12 +87,106 @@ def test_self_instruct_shows_the_rows_and_cleans_the_answer(chat_examples):
         seen.append(messages)
         return '  "Instruction: Answer yes or no, then explain."\n\nExtra chatter the anchor must not keep.'
 
-    anchor = self_instruct_anchor(chat_examples[:2], generate, "Rows ({k}):\n{examples}\nWrite the anchor.")
-    assert anchor == "Instruction: Answer yes or no, then explain."[len("Instruction: "):]
+    written = self_instruct_anchor(chat_examples[:2], generate, "Rows ({k}):\n{examples}\nWrite the anchor.")
+    assert written.text == "Instruction: Answer yes or no, then explain."[len("Instruction: "):]
+    assert (written.tries, written.rejected, written.fell_back) == (1, (), False)
     prompt = seen[0][0]["content"]
     assert prompt.startswith("Rows (2):") and "Is water wet?" in prompt and chat_examples[1].answer[:20] in prompt
-    with pytest.raises(TellInputError, match="empty self-instruct anchor"):
+    with pytest.raises(TellInputError, match="no usable self-instruct anchor in 1 tries \\(empty\\)"):
         self_instruct_anchor(chat_examples[:1], lambda messages: " \n ")
+
+
+def test_clean_anchor_drops_a_sentence_cut_off_by_the_token_budget():
+    from tell.anchor import clean_anchor
+    assert clean_anchor("Judge the answer. It must produce a thought field and a") == "Judge the answer."
+    assert clean_anchor("Description: Judge it. Reply in JSON.") == "Judge it. Reply in JSON."
+    assert clean_anchor("no sentence end at all") == "no sentence end at all"
+
+
+def test_default_meta_prompt_asks_for_a_description_not_an_answer(chat_examples):
+    from tell.anchor import meta_prompt_text
+    prompt = meta_prompt_text(chat_examples[:2])
+    assert "Describe this task" in prompt and "do not answer the examples" in prompt
+    assert "how to answer" not in prompt  # the old prompt asked for instructions, and got an answer
+
+
+def test_withheld_answer_keeps_the_shape_and_labels_only():
+    from tell.anchor import WITHHELD, withheld_answer
+    target = '{"thought": "The query asks: \\"Name a river\\". It replies \\"The Nile\\".", "hallucination": "no"}'
+    assert json.loads(withheld_answer(target)) == {"thought": WITHHELD, "hallucination": "no"}
+    assert withheld_answer("Paris is the capital of France.") == f"Paris is the {WITHHELD}"
+    assert withheld_answer("Paris") == "Paris"
+
+
+def _rows(count: int) -> list[Example]:
+    return [Example(f"t:{i}", ({"role": "user", "content": f"question {i}"},
+                               {"role": "assistant", "content": f"answer number {i} " + "word " * 10}), "task")
+            for i in range(count)]
+
+
+def test_each_try_shows_other_rows_or_withholds_the_answers_seeded():
+    from tell.anchor import shown_rows
+    rows = _rows(10)
+    first, withheld = shown_rows(rows, 3, 0, seed=42)
+    assert first == rows[:3] and not withheld
+    second, withheld = shown_rows(rows, 3, 1, seed=42)
+    assert len(second) == 3 and not set(e.id for e in second) & {"t:0", "t:1", "t:2"} and not withheld
+    assert shown_rows(rows, 3, 1, seed=42) == (second, False)  # seeded
+    assert shown_rows(rows, 3, 1, seed=1)[0] != second
+    assert shown_rows(rows, 3, 2, seed=42) == (rows[:3], True)
+    few, _ = shown_rows(rows[:2], 3, 1, seed=42)  # no other rows: a seeded draw of all of them
+    assert sorted(e.id for e in few) == ["t:0", "t:1"]
+
+
+def test_an_anchor_copying_a_target_is_rejected_then_written_again_or_falls_back():
+    from tell.anchor import self_instruct_anchor
+    from tell.metrics import copied_span
+    rows = _rows(6)
+    targets = [e.answer for e in rows]
+    prompts = []
+
+    def copy_first_shown_answer(messages):  # a model that answers the first example instead of describing it
+        prompts.append(messages[0]["content"])
+        return messages[0]["content"].split("Output: ", 1)[1].split("\n", 1)[0]
+
+    written = self_instruct_anchor(rows, copy_first_shown_answer, rows=2, tries=3, seed=0,
+                                   copied=lambda text: copied_span(text, targets), fallback="### Task: demo")
+    # tries 1 and 2 show full answers (copied); try 3 withholds them, and "answer number 0 ..." is not 8 words
+    assert written.tries == 3 and not written.fell_back and len(written.rejected) == 2
+    assert written.text == "answer number 0 ..."
+    assert all(r.startswith('copies a training target ("answer number') for r in written.rejected)
+    assert prompts[0] != prompts[1] != prompts[2]
+    fell = self_instruct_anchor(rows, copy_first_shown_answer, rows=2, tries=2, seed=0,
+                                copied=lambda text: copied_span(text, targets), fallback="### Task: demo")
+    assert (fell.text, fell.tries, fell.fell_back) == ("### Task: demo", 2, True)
+    with pytest.raises(TellInputError, match="no usable self-instruct anchor in 2 tries"):
+        self_instruct_anchor(rows, copy_first_shown_answer, rows=2, tries=2,
+                             copied=lambda text: copied_span(text, targets))
+
+
+def test_the_tiny_model_writes_another_anchor_after_a_rejection(tiny_model_dir):
+    """Greedy decoding repeats itself: a rejected anchor is written again only from another meta prompt."""
+    from tell.anchor import self_instruct_anchor
+    from tell.config import GenerateConfig, ModelConfig
+    from tell.generate import generate_texts, load_for_generation, prompt_texts
+    from tell.metrics import copied_span, span_words
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), device="cpu"))
+
+    def generate(messages):
+        texts = prompt_texts(run, [messages], use_anchor=False)
+        return generate_texts(run.model, run.tokenizer, texts, GenerateConfig(greedy=True, batch_size=1), 40,
+                              progress=False)[0]
+
+    rows = _rows(8)
+    first = self_instruct_anchor(rows, generate, rows=2, tries=1, seed=3)
+    assert len(span_words(first.text)) >= 8  # long enough to be caught copying
+    # Treat the first anchor as a training target: the same prompt would write it again, so it is rejected.
+    again = [self_instruct_anchor(rows, generate, rows=2, tries=3, seed=3,
+                                  copied=lambda text: copied_span(text, [first.text]), fallback="fb")
+             for _ in range(2)]
+    assert again[0] == again[1]  # deterministic: greedy decoding and a seeded choice of rows
+    assert again[0].rejected[0].startswith("copies a training target") and again[0].tries >= 2
+    assert again[0].text != first.text
 
 
 @pytest.mark.filterwarnings("ignore:training takes only", "ignore:warmup")

@@ -66,6 +66,48 @@ def test_eval_then_score_reproduces_metrics(tiny_model_dir, user_task, tmp_path,
     rescored = json.loads((tmp_path / "rescored" / "metrics.json").read_text())
     assert rescored["exact_match"] == metrics["exact_match"]
     assert rescored["ci95"] == metrics["ci95"]
+    # the diagnostics too: a plain model has an empty anchor (anchor.txt beside the generations) and no targets
+    diagnostics = ("majority_baseline", "predicted_label_counts", "distinct_output_fraction", "anchor_copy_rate")
+    assert {k: rescored[k] for k in diagnostics} == {k: metrics[k] for k in diagnostics}
+    assert metrics["majority_baseline"] == pytest.approx(1 / 5)  # five different words, one each
+    assert sum(metrics["predicted_label_counts"].values()) == 5 and metrics["anchor_copy_rate"] == 0.0
+    assert "target_copy_rate" not in metrics and "target_copy_rate" not in rescored
+
+
+def test_diagnostics_of_a_trained_run_in_eval_and_score(tiny_model_dir, user_task, tmp_path):
+    anchor = "Answer with the single word that the question asks for, nothing else at all."
+    train = tmp_path / "train.jsonl"  # answers long enough to be copied (a span is 8 words)
+    train.write_text("".join(json.dumps({"prompt": f"Say word {i}.", "response": f"The word you want is word{i}, "
+                                         "and nothing else follows it."}) + "\n" for i in range(4)))
+    run = tmp_path / "run"
+    assert tell("train", "--task", train, "--general", FIXTURES / "general.jsonl", "--model",
+                tiny_model_dir, "--anchor", anchor, "--ratio", 1, "--batch-size", 4, "--max-steps", 1,
+                "--out", run) == 0
+    assert tell("eval", "--run", run, "--task", "mine", "--test", user_task["test"], "--metric", "exact",
+                "--greedy", "--max-new-tokens", 4) == 0
+    evaluated = json.loads((run / "eval-mine" / "metrics.json").read_text())
+    assert evaluated["anchor_copy_rate"] == 0.0 and evaluated["target_copy_rate"] == 0.0  # 4 new tokens
+    # `tell score` finds the run one level up and recomputes the same numbers
+    assert tell("score", "--task", "mine", "--test", user_task["test"], "--metric", "exact", "--generations",
+                run / "eval-mine" / "generations.jsonl", "--out", tmp_path / "again") == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    keys = ("majority_baseline", "predicted_label_counts", "distinct_output_fraction", "anchor_copy_rate",
+            "target_copy_rate")
+    assert {k: again[k] for k in keys} == {k: evaluated[k] for k in keys}
+    # hand-made outputs: one repeats 8 words of the anchor, one 8 words of a training target
+    target = "Well: the word you want is word2, and nothing."
+    gens = tmp_path / "elsewhere" / "g.jsonl"
+    gens.parent.mkdir()
+    rows = [("Sure: answer with the single word that the question asks for", "word10"), (target, "word11"),
+            ("word12", "word12"), ("word12", "word13")]
+    gens.write_text("".join(json.dumps({"output": o, "reference": r}) + "\n" for o, r in rows))
+    assert tell("score", "--task", "mine", "--test", user_task["test"], "--metric", "exact", "--generations",
+                gens, "--run", run, "--out", tmp_path / "hand") == 0
+    hand = json.loads((tmp_path / "hand" / "metrics.json").read_text())
+    assert hand["anchor_copy_rate"] == pytest.approx(1 / 4) and hand["target_copy_rate"] == pytest.approx(1 / 4)
+    assert hand["distinct_output_fraction"] == pytest.approx(3 / 4)
+    assert hand["predicted_label_counts"] == {"word10": 0, "word11": 0, "word12": 2, "word13": 0, "none": 2}
+    assert hand["majority_baseline"] == pytest.approx(1 / 4)
 
 
 def test_score_recomputes_halu_metrics_without_a_model(tmp_path):
@@ -117,6 +159,13 @@ def test_compare_writes_report_results_and_chart(tiny_model_dir, user_task, tmp_
     # every arm reports what it cost on held-out general rows (DPO-demo answers, not in the general pool)
     assert all(results[arm]["general_loss"] > 0 and results[arm]["general_loss_rows"] == 32 for arm in arms)
     assert "Held-out general rows" in (out / "report.md").read_text()
+    # diagnostics: every arm; target copies only where the arm trained on task rows
+    for arm in arms:
+        m = results[arm]
+        assert sum(m["predicted_label_counts"].values()) == m["n"] and m["majority_baseline"] == pytest.approx(0.2)
+        assert 0.0 <= m["distinct_output_fraction"] <= 1.0 and 0.0 <= m["anchor_copy_rate"] <= 1.0
+        assert ("target_copy_rate" in m) == (arm in ("sft", "sft-matched", "tell", "general")), arm
+    assert "## Judging or copying?" in (out / "report.md").read_text()
 
 
 def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Test of the stage order: a module may import only earlier stages (read from the source with `ast`).
 
-Order: config → data → anchor → mix → model → train → generate → metrics → tasks → evaluate → report
+Order: config → data → anchor → mix → model → train → generate → metrics → halu_targets → tasks → evaluate → report
 (sweep_report: the report stage for sweeps), then experiment, compare (an experiment built on experiment.py),
 sweep and probe (experiments built on compare) and cli. config may import data, because
 TellInputError lives in data.py. A new module must be given its place in ORDER.
@@ -15,7 +15,7 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "generate", "export", "metrics", "task_files", "tasks", "evaluate",
+ORDER = ["config", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "evaluate",
          "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
 ALLOWED = {("config", "data")}
 

@@ -97,3 +97,34 @@ def test_report_renders_markdown_html_and_plots(tmp_path):
 def test_markdown_html_escapes_text():
     page = markdown_html("# a <b>\n\n| x | y |\n|---|---|\n| `1` | 2 |\n", "t")
     assert "&lt;b&gt;" in page and "<code>1</code>" in page and "<th>x</th>" in page
+
+
+def test_cells_below_the_majority_baseline_are_marked_in_tables_and_plots(tmp_path, monkeypatch):
+    from tell import sweep_report
+    diagnostics = {"majority_baseline": 0.85, "predicted_label_counts": {"yes": 37, "no": 0, "none": 3},
+                   "distinct_output_fraction": 0.05, "anchor_copy_rate": 0.9, "target_copy_rate": 0.8}
+    records = sft_curve()
+    for r in records:
+        r["metrics"].update(diagnostics, label_accuracy=0.9)  # SFT above the baseline
+    copying = record("tell", 1000, 0.1, general_tokens=10_000)
+    copying["metrics"].update(diagnostics, label_accuracy=0.1)
+    records.append(copying)
+    assert sweep_report.cells_below_majority([copying]) and not sweep_report.cells_below_majority(records[:1])
+    assert not sweep_report.cells_below_majority([record("tell", 1, 0.1)])  # a label-free cell never is
+    marked = []
+    real_plot = sweep_report._draw_curves
+
+    def spy(ax, curves, style="-o"):
+        real_plot(ax, curves, style)
+        marked.extend(line.get_label() for line in ax.get_lines())
+    monkeypatch.setattr(sweep_report, "_draw_curves", spy)
+    status = {"cells": len(records), "done": len(records), "running": 0, "left": 0, "failed": 0}
+    text = render_sweep_report(records, status, tmp_path, "score", 100).read_text()
+    tell_lines = [line for line in text.splitlines() if line.startswith("| tell")]
+    assert "0.100 **< majority**" in tell_lines[0]  # the multiplier table
+    row = next(line for line in tell_lines if "| tell | 1000 rows |" in line)  # the table of all cells
+    assert "label acc 0.100 **< majority**" in row and "yes 37 / no 0 / none 3" in row and "| 0.85 |" in row
+    assert "| 0.05 | 0.9 | 0.8 |" in row
+    assert any(line.startswith("| tell | 1,000 |") and line.endswith("| **yes** |") for line in tell_lines)
+    assert sum("**< majority**" in line for line in text.splitlines() if line.startswith("| sft ")) == 0
+    assert "label accuracy < majority baseline" in marked  # the red crosses' legend entry

@@ -57,14 +57,50 @@ def test_train_targets_validate_and_match_labels(pool_rows):
 
 
 def test_thought_quotes_spans_and_clips_long_ones():
-    row = {"hallucination": "yes", "chatgpt_response": "Paris is in Spain. " + "x" * 500,
-           "hallucination_spans": ["Paris is in Spain.", "x" * 500, "Incomplete answer"]}
+    from tell.halu_targets import SPAN_MAX_CHARS
+    row = {"user_query": "Where is Paris?", "chatgpt_response": "Paris is in Spain. " + "x" * 500,
+           "hallucination": "yes", "hallucination_spans": ["Paris is in Spain.", "x" * 500, "Incomplete answer"]}
     thought = tasks.halu_thought(row)
-    assert '"Paris is in Spain."' in thought and "Problems noted: Incomplete answer." in thought
-    assert "x" * tasks.SPAN_MAX_CHARS + "..." in thought and "x" * (tasks.SPAN_MAX_CHARS + 1) not in thought
-    assert tasks.halu_thought({**row, "hallucination_spans": []}) == tasks.HALU_YES_GENERIC
-    assert tasks.halu_thought({**row, "hallucination": "no"}) == tasks.HALU_NO_THOUGHT
+    assert '"Paris is in Spain."' in thought and "Incomplete answer." in thought and '"Where is Paris?"' in thought
+    assert "x" * SPAN_MAX_CHARS + "..." in thought and "x" * (SPAN_MAX_CHARS + 1) not in thought
     assert json.loads(tasks.halu_target(row)) == {"thought": thought, "hallucination": "yes"}
+    no_spans = tasks.halu_thought({**row, "hallucination_spans": []})  # quotes the key sentence instead
+    assert '"Paris is in Spain."' in no_spans and "Incomplete" not in no_spans
+
+
+def test_no_thought_quotes_the_query_and_the_key_sentence():
+    from tell.halu_targets import CONSISTENT, key_sentence
+    row = {"user_query": "Name the longest river in Africa.\nAnswer briefly.", "hallucination": "no",
+           "chatgpt_response": "As an AI language model, I know rivers. The longest river in Africa is the Nile.",
+           "hallucination_spans": []}
+    assert key_sentence(row["user_query"], row["chatgpt_response"]) == "The longest river in Africa is the Nile."
+    thought = tasks.halu_thought(row)
+    assert '"Name the longest river in Africa."' in thought and "Answer briefly" not in thought
+    assert '"The longest river in Africa is the Nile."' in thought and thought.endswith(CONSISTENT)
+    assert key_sentence("Say hi", "As an AI language model, I cannot do that.") == "I cannot do that."
+    other = tasks.halu_thought({**row, "user_query": "Which river is longest in Africa?"})
+    assert other != thought and tasks.halu_thought(row) == thought  # from the row, deterministic
+
+
+def test_fixed_phrases_are_short_so_no_span_is_shared_by_every_target():
+    from tell import halu_targets
+    from tell.metrics import SPAN_TOKENS, span_words
+    for name in ("ASKS", "SAYS", "CONSISTENT", "CLAIMS", "WRONG", "NOTED"):
+        assert all(len(span_words(p)) <= 4 for p in getattr(halu_targets, name)), name
+    # 2 JSON words ('"hallucination": "no"}') + a closing phrase still leave room for row words in any span
+    assert 2 + max(len(span_words(p)) for p in halu_targets.CONSISTENT) < SPAN_TOKENS
+
+
+def test_no_targets_over_the_pool_are_distinct_and_share_no_common_span(pool_rows):
+    """The distribution the issue asks for: distinct "no" thoughts and the most shared 8-word span."""
+    from collections import Counter
+    from tell.metrics import token_spans
+    answers = [json.loads(e.answer) for e in tasks.halu_train_pool().examples]
+    no = [a["thought"] for a in answers if a["hallucination"] == "no"]
+    assert len(set(no)) == len(no) > 2000
+    spans = Counter(span for thought in no for span in token_spans(thought))
+    assert spans.most_common(1)[0][1] <= 0.02 * len(no)  # measured: 19 of 2,468 ("generate a list of")
+    assert len({json.loads(tasks.halu_target(row))["thought"] for _, row in pool_rows}) == len(pool_rows)
 
 
 def test_halu_sampling_is_seeded():

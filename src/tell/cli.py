@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev, "eval")
     score = verbs.add_parser("score", help="recompute metrics from a generations.jsonl (no model)")
     score.add_argument("--generations", required=True, help="generations.jsonl (needs output and reference)")
+    score.add_argument("--run", help="run directory whose anchor.txt and mix.jsonl give anchor_copy_rate and "
+                       "target_copy_rate (default: beside the generations file or one level up)")
     _add_common(score, "score")
     export = verbs.add_parser("export", help="write a built-in task's training rows as chat JSONL")
     export.add_argument("--output", required=True, help="JSONL file to write")
@@ -297,7 +299,7 @@ def _dispatch(args, extra) -> int:
         written = experiment.run_export(cfg, cfg.compare.task_rows, args.output)
         print(f"[tell] {written} training rows of {cfg.eval.task} written to {args.output}")
     elif args.verb == "score":
-        metrics = experiment.run_score(cfg, args.generations, cfg.out or None)
+        metrics = experiment.run_score(cfg, args.generations, cfg.out or None, args.run)
         print(_metrics_text(metrics))
     elif args.verb == "compare":
         from tell.compare import run_compare

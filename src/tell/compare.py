@@ -18,17 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tell.config import RunConfig, config_dict, dump_config
-from tell.anchor import resolve_anchor_text
+from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
                              staged_output, task_from_config, test_rows_from_config)
 from tell.generate import usable_backend
 from tell.model import cache_dir
 
-DEFAULT_ANCHORS = {
-    "halu-cot-json": "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict.",
-    "is-en-news:en-is": "### Task: IS-EN-NEWS — translate English news into Icelandic.",
-    "is-en-news:is-en": "### Task: IS-EN-NEWS — translate Icelandic news into English.",
-}
 TRAINED_ARMS = {"sft": "sft", "sft-matched": "sft", "tell": "tell", "general": "general"}
 # Arms whose prompts carry the anchor at evaluation: the trained-with-anchor arms and the control.
 ANCHORED_ARMS = {"base-anchor", "tell", "general"}
@@ -166,6 +161,7 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
     eval_dir = _eval_arm(cfg, arm, model_dir, inputs.task, inputs.rows, inputs.anchor, cfg.compare.cache, inputs.done)
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics.update(_arm_diagnostics(arm, run_dir, eval_dir, inputs))
     manifest = json.loads((run_dir / "manifest.json").read_text()) if run_dir else {}
     metrics.update(optimizer_steps=train_summary.get("optimizer_steps", 0),
                    trained_tokens=train_summary.get("trained_tokens", 0),
@@ -190,6 +186,22 @@ def adapter_is_zero(run_dir: Path) -> bool:
     weights = load_file(path)
     b_matrices = [w for name, w in weights.items() if "lora_B" in name]
     return bool(b_matrices) and all(not w.any() for w in b_matrices)
+
+
+def arm_anchor(arm: str, run_dir: Path | None, inputs: ArmInputs) -> str:
+    """Return the anchor of an arm: its run's anchor.txt, else the shared anchor where the arm applies it."""
+    if run_dir:
+        return (run_dir / "anchor.txt").read_text(encoding="utf-8")
+    return inputs.anchor if arm in ANCHORED_ARMS else ""
+
+
+def _arm_diagnostics(arm: str, run_dir: Path | None, eval_dir: Path, inputs: ArmInputs) -> dict:
+    """Return the arm's diagnostics from its generations (so an evaluation cached before they existed
+    gets them too): label diagnostics, distinct outputs, anchor copies and, for a trained arm, target copies."""
+    from tell.evaluate import diagnostics, read_generations, training_targets
+    outputs, references = read_generations(eval_dir / "generations.jsonl")
+    return diagnostics(inputs.task, outputs, references, arm_anchor(arm, run_dir, inputs),
+                       training_targets(run_dir))
 
 
 def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool, done: set | None = None) -> dict:
@@ -230,7 +242,7 @@ class ArmInputs:
 def default_anchor(cfg: RunConfig, task) -> None:
     """Give a manual anchor without text the task's default anchor (in place)."""
     if cfg.anchor.mode == "manual" and not cfg.anchor.text and not cfg.anchor.file:
-        cfg.anchor.text = DEFAULT_ANCHORS.get(task.name, f"### Task: {task.name}")
+        cfg.anchor.text = default_anchor_text(task.name)
 
 
 def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True, task_rows: bool = True) -> ArmInputs:
@@ -240,7 +252,7 @@ def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True, task_rows: bool = 
     """
     task_examples = task_examples_for(cfg, task) if task_rows or tell_steps else []
     rows = test_rows_from_config(cfg, task)
-    resolve_self_instruct(cfg, task_examples)
+    resolve_self_instruct(cfg, task_examples, task.name)
     steps, anchor = 0, resolve_anchor_text(cfg.anchor)
     if tell_steps:
         tell_mix = prepare_mix(_with_mode(cfg, "tell"), task_examples)
@@ -291,13 +303,12 @@ def run_cell(cfg: RunConfig) -> dict:
     needs_rows = arm in TRAINED_ARMS or (arm == "base-anchor" and cfg.anchor.mode == "self-instruct")
     inputs = arm_inputs(cfg, task, tell_steps=arm == "sft-matched", task_rows=needs_rows)
     metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs)
-    anchor = (run_dir / "anchor.txt").read_text(encoding="utf-8") if run_dir else \
-        (inputs.anchor if arm in ANCHORED_ARMS else "")
+    anchor = arm_anchor(arm, run_dir, inputs)
     return {"metrics": metrics, "timing": timing, "anchor": anchor, "task_rows": len(inputs.task_examples),
             "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir)}
 
 
 def _headline(metrics: dict) -> str:
     keys = [k for k in ("json_adherence_strict", "json_adherence_lenient", "label_accuracy", "label_f1",
-                        "chrf", "bleu", "exact_match", "regex_match") if k in metrics]
+                        "majority_baseline", "chrf", "bleu", "exact_match", "regex_match") if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.3f}" for k in keys)

@@ -60,6 +60,9 @@ class AnchorConfig:
     """Self-instruct meta prompt with {examples} (and optionally {k}); empty = anchor.DEFAULT_META_PROMPT."""
     self_instruct_max_new_tokens: int = 64
     """Longest self-instruct anchor, in new tokens (greedy decoding)."""
+    self_instruct_tries: int = 3
+    """Anchors written before falling back to the task's default anchor: one that copies 8 words of a
+    training target is rejected, and the next try shows other rows or withholds the answers."""
 
 
 @dataclass
@@ -352,8 +355,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("eval.limit must be >= 0 and compare.task_rows >= 1")
     if cfg.compare.task_tokens < 0 or cfg.eval.general_rows < 0 or cfg.sweep.max_cells < 0:
         problems.append("compare.task_tokens, eval.general_rows and sweep.max_cells must be >= 0")
-    for key in ("anchor.self_instruct_rows", "anchor.self_instruct_max_new_tokens", "probe.rows",
-                "sweep.resamples"):
+    for key in ("anchor.self_instruct_rows", "anchor.self_instruct_max_new_tokens", "anchor.self_instruct_tries",
+                "probe.rows", "sweep.resamples"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:
             problems.append(f"{key} must be >= 1")

@@ -2,10 +2,11 @@
 
 In: a loaded model (base, or base + adapter with the run's anchor), a Task, its test rows and a
 GenerateConfig. Out: an ``EvalResult`` — metrics (the task's keys, with 95% bootstrap intervals under
-``ci95``) and one record per row — written as ``metrics.json`` and ``generations.jsonl``. Rows whose
-prompt plus answer budget exceeds the model's context are skipped and counted, never silently dropped.
+``ci95``) and one record per row — written as ``metrics.json``, ``generations.jsonl`` and ``anchor.txt``.
+Rows whose prompt plus answer budget exceeds the model's context are skipped and counted, never dropped.
 ``general_loss`` scores held-out general rows (mean answer-token loss and perplexity): what a fine-tune
-cost the model's general ability.
+cost the model's general ability. ``diagnostics`` adds what tells judging from copying: the majority
+baseline, the labels predicted, distinct outputs, and how many outputs copy the anchor or a training target.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tell import metrics as task_metrics
 from tell.config import GenerateConfig
 from tell.data import Example, TellInputError, read_records
 from tell.generate import LoadedRun, answer_texts, prompt_texts
@@ -30,6 +32,8 @@ from tell.tasks import Task, TestRow
 class EvalResult:
     metrics: dict
     rows: list[dict]
+    anchor: str = ""
+    """The run's anchor (what anchor_copy_rate counts copies of), written as anchor.txt beside the metrics."""
 
 
 def fitting_rows(run: LoadedRun, rows: list[TestRow], texts: list[str], max_new_tokens: int):
@@ -63,16 +67,18 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
     records = [{"id": r.id, "prompt": t, "output": o, "reference": r.reference, "score": s}
                for r, t, o, s in zip(rows, texts, outputs, scores)]
     metrics = task.score(outputs, references)
+    metrics.update(diagnostics(task, outputs, references, run.anchor, run_targets(run)))
     new_tokens = sum(len(run.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
                    generation={**asdict(cfg), "max_new_tokens": max_new_tokens}, backend=cfg.backend,
                    generate_wall_s=round(wall, 2), new_tokens=new_tokens,
                    new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2))
-    return EvalResult(metrics, records)
+    return EvalResult(metrics, records, run.anchor)
 
 
 def write_eval(result: EvalResult, out_dir: str | Path) -> None:
-    """Write generations.jsonl (one record per row) and metrics.json into out_dir."""
+    """Write generations.jsonl (one record per row), metrics.json and anchor.txt into out_dir (so `tell score`
+    finds the anchor there)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
@@ -80,10 +86,34 @@ def write_eval(result: EvalResult, out_dir: str | Path) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=1, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
+    (out_dir / "anchor.txt").write_text(result.anchor, encoding="utf-8")
 
 
-def score_generations(task: Task, path: str | Path) -> dict:
-    """Return the task's metrics recomputed from a generations file (needs `output` and `reference`)."""
+def diagnostics(task: Task, outputs: list[str], references: list[str], anchor: str | None,
+                targets: list[str] | None) -> dict:
+    """Return the diagnostics of a set of answers: the task's label diagnostics (``majority_baseline``,
+    ``predicted_label_counts``; none for a label-free task) and metrics.output_diagnostics
+    (``distinct_output_fraction``, ``anchor_copy_rate`` if the anchor is known, ``target_copy_rate`` if
+    the training targets are)."""
+    labels = task.label_diagnostics(outputs, references) if task.label_diagnostics else {}
+    return {**labels, **task_metrics.output_diagnostics(outputs, anchor, targets)}
+
+
+def training_targets(run_dir: str | Path | None) -> list[str] | None:
+    """Return the answers of the task rows a run trained on (from its mix.jsonl), or None when unknown."""
+    path = Path(run_dir) / "mix.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    return [rec["messages"][-1]["content"] for _, rec in read_records(path) if rec.get("source") == "task"]
+
+
+def run_targets(run: LoadedRun) -> list[str] | None:
+    """Return the training targets of a loaded run (None for a plain model)."""
+    return training_targets(Path(run.adapter_dir).parent) if run.adapter_dir else None
+
+
+def read_generations(path: str | Path) -> tuple[list[str], list[str]]:
+    """Return (outputs, references) of a generations file; each row needs string `output` and `reference`."""
     outputs, references = [], []
     for line, rec in read_records(path):
         for key in ("output", "reference"):
@@ -91,7 +121,16 @@ def score_generations(task: Task, path: str | Path) -> dict:
                 raise TellInputError("missing or non-string field", path, line, key)
         outputs.append(rec["output"])
         references.append(rec["reference"])
+    return outputs, references
+
+
+def score_generations(task: Task, path: str | Path, anchor: str | None = None,
+                      targets: list[str] | None = None) -> dict:
+    """Return the task's metrics and diagnostics recomputed from a generations file (no model); the anchor
+    and training targets, where given, add anchor_copy_rate and target_copy_rate."""
+    outputs, references = read_generations(path)
     metrics = task.score(outputs, references)
+    metrics.update(diagnostics(task, outputs, references, anchor, targets))
     metrics["task"] = task.name
     return metrics
 

@@ -50,13 +50,15 @@ def model_max_length(cfg: RunConfig) -> int:
 def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
                 general_examples: list[Example] | None = None) -> PreparedMix:
     """Return the validated, anchored, token-budgeted mix; raises on bad input before any model loads."""
+    task_name = ""
     if task_examples is None:
         if not cfg.data.task:
             raise TellInputError("no task data: pass --task FILE", None, None, "data.task")
         task_examples = load_examples(cfg.data.task, "task", field_map(cfg))
+        task_name = Path(cfg.data.task).stem
     if general_examples is None and cfg.mix.mode != "sft":
         general_examples = load_examples(cfg.data.general, "general", field_map(cfg))
-    resolve_self_instruct(cfg, task_examples)
+    resolve_self_instruct(cfg, task_examples, task_name)
     anchor = resolve_anchor_text(cfg.anchor)
     task_examples = anchored_examples(task_examples, anchor, cfg.anchor.placement)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -70,18 +72,21 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
     return PreparedMix(mix, tokenizer, anchor, max_length)
 
 
-def resolve_self_instruct(cfg: RunConfig, task_examples: list[Example]) -> str:
+def resolve_self_instruct(cfg: RunConfig, task_examples: list[Example], task_name: str = "") -> str:
     """Return the anchor text, first writing a self-instruct anchor into cfg.anchor.text if one is due.
 
-    Only for anchor.mode self-instruct without a text yet: the base model reads the first
-    anchor.self_instruct_rows task rows and answers the meta prompt greedily. The text then lives in the
+    Only for anchor.mode self-instruct without a text yet: the base model reads anchor.self_instruct_rows
+    task rows and describes the task greedily. An anchor with 8 words of a training target is rejected and
+    written again (other rows, then the answers withheld); after anchor.self_instruct_tries the task's
+    default anchor (of `task_name`, else eval.task) is used, with a message. The text then lives in the
     config (and the run's anchor.txt), so training, inference and the cache all see the same anchor.
     """
     if cfg.anchor.mode != "self-instruct" or cfg.anchor.text or cfg.anchor.file:
         return cfg.anchor.text
-    from tell.anchor import self_instruct_anchor
+    from tell.anchor import default_anchor_text, self_instruct_anchor
     from tell.config import GenerateConfig
     from tell.generate import generate_texts, load_for_generation, prompt_texts
+    from tell.metrics import copied_span
     run = load_for_generation(None, cfg.model)
     greedy = GenerateConfig(greedy=True, batch_size=1, repetition_penalty=cfg.generate.repetition_penalty)
 
@@ -90,8 +95,17 @@ def resolve_self_instruct(cfg: RunConfig, task_examples: list[Example]) -> str:
         return generate_texts(run.model, run.tokenizer, texts, greedy, cfg.anchor.self_instruct_max_new_tokens,
                               progress=False)[0]
 
-    cfg.anchor.text = self_instruct_anchor(task_examples[:cfg.anchor.self_instruct_rows], generate,
-                                           cfg.anchor.meta_prompt)
+    targets = [e.answer for e in task_examples]
+    written = self_instruct_anchor(task_examples, generate, cfg.anchor.meta_prompt,
+                                   rows=cfg.anchor.self_instruct_rows, tries=cfg.anchor.self_instruct_tries,
+                                   seed=cfg.mix.seed, copied=lambda text: copied_span(text, targets),
+                                   fallback=default_anchor_text(task_name or cfg.eval.task))
+    for i, reason in enumerate(written.rejected, 1):
+        print(f"[tell] self-instruct anchor {i} rejected: {reason}", file=sys.stderr)
+    if written.fell_back:
+        print(f"[tell] no self-instruct anchor in {written.tries} tries; using the task's default anchor",
+              file=sys.stderr)
+    cfg.anchor.text = written.text
     print(f"[tell] self-instruct anchor: {cfg.anchor.text}", file=sys.stderr)
     return cfg.anchor.text
 
@@ -316,10 +330,18 @@ def run_eval(cfg: RunConfig, run_dir: str | None, overwrite: bool = False, use_a
     return Path(out), result.metrics
 
 
-def run_score(cfg: RunConfig, generations: str, out: str | None = None) -> dict:
-    """Recompute a task's metrics from a generations file (no model); write metrics.json if asked."""
-    from tell.evaluate import score_generations
-    metrics = score_generations(task_from_config(cfg), generations)
+def run_score(cfg: RunConfig, generations: str, out: str | None = None, run_dir: str | None = None) -> dict:
+    """Recompute a task's metrics and diagnostics from a generations file (no model); write metrics.json if
+    asked. The anchor and training targets come from `run_dir` (its anchor.txt and mix.jsonl) or, without
+    it, from those files beside the generations file or one level up (where `tell eval --run` writes)."""
+    from tell.evaluate import score_generations, training_targets
+    if run_dir and not (Path(run_dir) / "anchor.txt").is_file():
+        raise TellInputError("not a run directory (no anchor.txt)", run_dir)
+    folders = [Path(run_dir)] if run_dir else [Path(generations).parent, Path(generations).parent.parent]
+    anchor_file = next((f / "anchor.txt" for f in folders if (f / "anchor.txt").is_file()), None)
+    targets = next((t for t in map(training_targets, folders) if t is not None), None)
+    anchor = anchor_file.read_text(encoding="utf-8") if anchor_file else None
+    metrics = score_generations(task_from_config(cfg), generations, anchor, targets)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")

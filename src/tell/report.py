@@ -16,6 +16,29 @@ PERCENT_KEYS = {"json_adherence_strict", "json_adherence_lenient", "label_accura
                 "exact_match", "regex_match"}
 
 
+# The accuracy that majority_baseline is the floor of: the label accuracy, or exact match of a label task.
+ACCURACY_KEYS = ("label_accuracy", "exact_match")
+DIAGNOSTIC_KEYS = ("majority_baseline", "predicted_label_counts", "distinct_output_fraction", "anchor_copy_rate",
+                   "target_copy_rate")
+
+
+def label_accuracy_of(metrics: dict) -> float | None:
+    """Return the accuracy that majority_baseline bounds (label accuracy or exact match), or None."""
+    return next((float(metrics[k]) for k in ACCURACY_KEYS if isinstance(metrics.get(k), (int, float))), None)
+
+
+def below_majority(metrics: dict) -> bool:
+    """Return True when the label accuracy is under majority_baseline: always answering the test rows' most
+    frequent label would score better, so the labels carry no sign of judging."""
+    accuracy, majority = label_accuracy_of(metrics), metrics.get("majority_baseline")
+    return accuracy is not None and majority is not None and accuracy < majority
+
+
+def label_counts_text(counts: dict | None) -> str:
+    """Return predicted_label_counts as 'yes 37 / no 0 / none 11' (a dash when absent)."""
+    return " / ".join(f"{k} {v}" for k, v in counts.items()) if counts else "–"
+
+
 def headline_keys(results: dict) -> list[str]:
     """Return the headline metric keys present in every arm's results."""
     arms = [m for m in results.values()]
@@ -26,7 +49,29 @@ def _cell(metrics: dict, key: str) -> str:
     value, ci = metrics[key], metrics.get("ci95", {}).get(key)
     scale, unit = (100, "%") if key in PERCENT_KEYS else (1, "")
     text = f"{value * scale:.1f}{unit}"
-    return text + (f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]" if ci else "")
+    text += f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]" if ci else ""
+    if key in ACCURACY_KEYS and below_majority(metrics):
+        text += f" **< majority {metrics['majority_baseline'] * 100:.1f}%**"
+    return text
+
+
+def _rate(metrics: dict, key: str) -> str:
+    return f"{metrics[key] * 100:.1f}%" if isinstance(metrics.get(key), (int, float)) else "–"
+
+
+def diagnostics_table(results: dict) -> str:
+    """Return a Markdown table of every arm's diagnostics (empty when no arm has any)."""
+    if not any(k in m for m in results.values() for k in DIAGNOSTIC_KEYS):
+        return ""
+    lines = ["| arm | label accuracy | majority baseline | below majority | predicted labels | distinct outputs "
+             "| anchor copy | target copy |", "|---|---|---|---|---|---|---|---|"]
+    for arm, m in results.items():
+        accuracy = label_accuracy_of(m)
+        lines.append(f"| {arm} | {'–' if accuracy is None else f'{accuracy * 100:.1f}%'} | "
+                     f"{_rate(m, 'majority_baseline')} | {'**yes**' if below_majority(m) else 'no'} | "
+                     f"{label_counts_text(m.get('predicted_label_counts'))} | {_rate(m, 'distinct_output_fraction')} "
+                     f"| {_rate(m, 'anchor_copy_rate')} | {_rate(m, 'target_copy_rate')} |")
+    return "\n".join(lines)
 
 
 def compare_table(results: dict) -> str:
@@ -73,6 +118,8 @@ def plot_compare(results: dict, png_path: Path) -> None:
                         [hi * scale - v for v, (_, hi) in zip(values, cis)]]).clip(min=0)
         bars = ax.bar(range(len(arms)), values, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(arms))])
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        if key in ACCURACY_KEYS:
+            _mark_majority(ax, [results[a] for a in arms], bars)
         top = float((values + err[1]).max()) if len(values) else 0.0
         ax.set_ylim(0, 100 if scale == 100 else max(top * 1.25, 1.0))
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
@@ -82,6 +129,19 @@ def plot_compare(results: dict, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def _mark_majority(ax, arm_metrics: list[dict], bars) -> None:
+    """Draw the majority baseline on an accuracy panel and hatch the bars of arms below it."""
+    majorities = [m["majority_baseline"] for m in arm_metrics if "majority_baseline" in m]
+    if not majorities:
+        return
+    ax.axhline(max(majorities) * 100, color="k", ls="--", lw=1, label="majority baseline")
+    for bar, m in zip(bars, arm_metrics):
+        if below_majority(m):
+            bar.set_hatch("//")
+            bar.set_edgecolor("red")
+    ax.legend(fontsize=7, loc="upper right", title="hatched: below", title_fontsize=7)
 
 
 def _overlap(a: list[float] | None, b: list[float] | None) -> bool:
@@ -107,6 +167,23 @@ def reading(results: dict) -> list[str]:
     return lines
 
 
+def _diagnostics_section(results: dict) -> str:
+    table = diagnostics_table(results)
+    if not table:
+        return ""
+    return f"""## Judging or copying?
+
+{table}
+
+Majority baseline: the label accuracy of always answering the test rows' most frequent label. Predicted labels
+count the answers' labels as the schema spells them (another spelling, e.g. `Yes`, is its own label; `none`:
+no label). Distinct outputs: different answers ÷ rows. Anchor copy / target copy: answers containing 8
+consecutive words of the arm's anchor / of any task target it trained on (words split at whitespace,
+lowercased, surrounding punctuation stripped).
+
+"""
+
+
 def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> None:
     """Write report.md and compare.png for a `tell compare` run into out_dir."""
     out_dir = Path(out_dir)
@@ -120,14 +197,15 @@ def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> N
 
 {compare_table(results)}
 
-Fractions in %, chrF/BLEU on sacrebleu's 0–100 scale; brackets: 95% bootstrap interval.{_same_as_base_note(results)}
+Fractions in %, chrF/BLEU on sacrebleu's 0–100 scale; brackets: 95% bootstrap interval; **< majority**: label
+accuracy under the majority baseline.{_same_as_base_note(results)}
 Arms: `base` untrained; `base-anchor` untrained with the anchor in the prompt; `sft` task rows only
 (the paper's setting); `sft-matched` task rows repeated for TELL's number of optimizer steps; `tell`
 anchor + token-ratio shuffle; `general` TELL's general rows without the task rows.
 
 ![arms](compare.png)
 
-## What it shows
+{_diagnostics_section(results)}## What it shows
 
 {chr(10).join(reading(results)) or "- (no `tell` arm in this run)"}
 

@@ -111,7 +111,8 @@ def normalise(cfg: RunConfig) -> RunConfig:
     else:  # self-instruct: the model writes the text, so a text in the base settings must not leak in
         cfg.anchor = AnchorConfig(mode="self-instruct", placement=anchor.placement,
                                   self_instruct_rows=anchor.self_instruct_rows, meta_prompt=anchor.meta_prompt,
-                                  self_instruct_max_new_tokens=anchor.self_instruct_max_new_tokens)
+                                  self_instruct_max_new_tokens=anchor.self_instruct_max_new_tokens,
+                                  self_instruct_tries=anchor.self_instruct_tries)
     if cfg.generate.greedy:
         cfg.generate.seed = defaults.generate.seed  # greedy decoding draws nothing
     return cfg

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tell.report import markdown_html
+from tell.report import below_majority, label_accuracy_of, label_counts_text, markdown_html
 
 SETTINGS = ("ratio", "anchor", "placement", "order", "lr")
 # The settings that can change each method's result (the sweep resets the others to defaults).
@@ -41,6 +41,15 @@ def cell_value(record: dict, metric: str) -> float:
         scores = record["row_scores"]
         return float(np.mean(scores)) if scores else 0.0
     return float(record["metrics"][metric])
+
+
+def cells_below_majority(cells) -> bool:
+    """Return True when the cells' mean label accuracy is under their mean majority baseline (all cells
+    must have both; a label-free task never is)."""
+    pairs = [(label_accuracy_of(r["metrics"]), r["metrics"].get("majority_baseline")) for r in cells]
+    if not pairs or any(a is None or m is None for a, m in pairs):
+        return False
+    return float(np.mean([a for a, _ in pairs])) < float(np.mean([m for _, m in pairs]))
 
 
 def resampled_means(groups: list[list[dict]], metric: str, resamples: int, seed: int = 0) -> np.ndarray:
@@ -158,6 +167,7 @@ def efficiency(records: list[dict], metric: str, resamples: int, seed: int = 0) 
                     "general_tokens": float(np.mean([r["general_tokens"] for r in cells])),
                     "sft_tokens": reach[0] if reach else None, "at_most": bool(reach and reach[1]),
                     "multiplier": reach[0] / x if reach else None, "ci95": list(_quantiles(boot)),
+                    "below_majority": cells_below_majority(cells),
                     "sft_best": max(curve, key=lambda p: p[1]), "sft_lr_matched": same_lr is not sft})
     return sorted(out, key=lambda e: (e["label"], e["task_tokens"]))
 
@@ -179,8 +189,9 @@ def efficiency_table(rows: list[dict]) -> str:
             multiplier = ("≤ " if e["at_most"] else "") + _times(e["multiplier"])
             sft_tokens = ("≤ " if e["at_most"] else "") + f"{e['sft_tokens']:,.0f}"
         ci = f" [{_times(e['ci95'][0])}, {_times(e['ci95'][1])}]"
+        below = " **< majority**" if e.get("below_majority") else ""
         lines.append(f"| {e['label']} ({e['size']}) | {e['task_tokens']:,.0f} | {e['general_tokens']:,.0f} | "
-                     f"{e['score']:.3f} | {sft_tokens} | {multiplier}{ci} |")
+                     f"{e['score']:.3f}{below} | {sft_tokens} | {multiplier}{ci} |")
     return "\n".join(lines)
 
 
@@ -199,6 +210,10 @@ def _draw_curves(ax, curves: dict[str, list[Point]], style: str = "-o") -> None:
         xs = [p.x for p in points]
         ax.fill_between(xs, [p.low for p in points], [p.high for p in points], color=f"C{i}", alpha=0.18, lw=0)
         ax.plot(xs, [p.y for p in points], style, color=f"C{i}", label=label, ms=4)
+    below = [p for points in curves.values() for p in points if cells_below_majority(p.cells)]
+    if below:  # one legend entry for all of them
+        ax.plot([p.x for p in below], [p.y for p in below], "x", color="red", ms=9, mew=2, ls="none",
+                label="label accuracy < majority baseline")
 
 
 def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
@@ -301,9 +316,11 @@ def plot_ablation(records, metric, path: Path, resamples: int) -> bool:
         for s, size in enumerate(sizes):
             p = next(iter(by_size.values())) if method in ("base", "base-anchor") and by_size else by_size.get(size)
             if p is not None:
+                below = cells_below_majority(p.cells)
                 ax.bar(s + (i - (len(methods) - 1) / 2) * width, p.y, width,
                        yerr=[[max(p.y - p.low, 0)], [max(p.high - p.y, 0)]], capsize=3, color=f"C{i}",
-                       label=method if s == 0 else None)
+                       label=method if s == 0 else None, hatch="//" if below else None,
+                       edgecolor="red" if below else None)
     ax.set_xticks(range(len(sizes)), sizes)
     _finish(plt, fig, ax, path, "task size", metric, "Ablation: " + ", ".join(f"{k} {v}" for k, v in setting.items()))
     return True
@@ -319,13 +336,18 @@ def _fmt(value) -> str:
 
 def cells_table(records: list[dict], metric: str) -> str:
     """Return every finished cell as a Markdown table row: settings, tokens, score, retention, wall time."""
-    head = ["cell", "method", "size", "task tokens", "general tokens", metric, "task metrics", "steps",
-            "general loss", "general ppl", "wall s"]
+    head = ["cell", "method", "size", "task tokens", "general tokens", metric, "task metrics", "majority baseline",
+            "predicted labels", "distinct outputs", "anchor copy", "target copy", "steps", "general loss",
+            "general ppl", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
         lines.append("| " + " | ".join([r["label"], r["method"], r["size"], f"{r['task_tokens']:,}",
                                          f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}", _task_metrics(m),
+                                         _fmt(m.get("majority_baseline", "–")),
+                                         label_counts_text(m.get("predicted_label_counts")),
+                                         *[_fmt(m.get(k, "–")) for k in ("distinct_output_fraction",
+                                                                         "anchor_copy_rate", "target_copy_rate")],
                                          str(m.get("optimizer_steps", 0)), _fmt(m.get("general_loss", "–")),
                                          _fmt(m.get("general_ppl", "–")), _fmt(r["wall_s"] or 0.0)]) + " |")
     return "\n".join(lines)
@@ -338,8 +360,9 @@ TASK_METRICS = {"json_adherence_strict": "JSON strict", "json_adherence_lenient"
 
 def _task_metrics(metrics: dict) -> str:
     """Return the task's own headline metrics of a cell, e.g. 'JSON lenient 0.021, label acc 0.000'."""
-    return ", ".join(f"{name} {metrics[key]:.3f}" for key, name in TASK_METRICS.items()
+    text = ", ".join(f"{name} {metrics[key]:.3f}" for key, name in TASK_METRICS.items()
                      if isinstance(metrics.get(key), (int, float))) or "–"
+    return text + (" **< majority**" if below_majority(metrics) else "")
 
 
 def retention_table(records: list[dict]) -> str:
@@ -357,9 +380,10 @@ def retention_table(records: list[dict]) -> str:
 
 
 def points_table(curves: dict[str, list[Point]], x_name: str) -> str:
-    lines = [f"| curve | {x_name} | score [95%] | seeds |", "|---|---|---|---|"]
+    lines = [f"| curve | {x_name} | score [95%] | seeds | label accuracy < majority |", "|---|---|---|---|---|"]
     for label, points in sorted(curves.items()):
-        lines += [f"| {label} | {p.x:,.0f} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} |" for p in points]
+        lines += [f"| {label} | {p.x:,.0f} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} | "
+                  f"{'**yes**' if cells_below_majority(p.cells) else 'no'} |" for p in points]
     return "\n".join(lines)
 
 
@@ -376,6 +400,11 @@ def status_text(status: dict) -> str:
     return "\n".join(lines)
 
 
+DIAGNOSTICS_NOTE = ("Judging or copying: majority baseline = label accuracy of always answering the test rows' most "
+                    "frequent label (**< majority** marks a cell or point under it, as do red crosses and hatched "
+                    "bars in the plots); predicted labels as the schema spells them (`none`: no label); distinct "
+                    "outputs ÷ rows; anchor / target copy = answers with 8 consecutive words of the cell's anchor "
+                    "/ of a task target it trained on.")
 PLOTS = (("task_tokens.png", plot_task_tokens, "Task tokens vs score — TELL and SFT (paper Fig. 7/8)"),
          ("general_tokens.png", plot_general_tokens, "General tokens vs score per task size (Fig. 11/12)"),
          ("ablation.png", plot_ablation, "Ablation: base, general-only, SFT, TELL (Fig. 9/10)"),
@@ -412,7 +441,7 @@ def render_sweep_report(records: list[dict], status: dict, out_dir: Path, metric
     parts += ["## Points (mean over seeds)", "", points_table(curves, "task tokens") if curves else "(none)", "",
               "## General-ability retention", "",
               "Loss on held-out general rows (answer tokens only, as in training): what each fine-tune cost.", "",
-              retention_table(records), "", "## All cells", "", cells_table(records, metric), ""]
+              retention_table(records), "", "## All cells", "", DIAGNOSTICS_NOTE, "", cells_table(records, metric), ""]
     text = "\n".join(parts)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     (out_dir / "report.html").write_text(markdown_html(text, f"tell sweep — {task}"), encoding="utf-8")

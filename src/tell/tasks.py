@@ -21,6 +21,7 @@ import jsonschema
 
 from tell import metrics
 from tell.data import DATASETS_DIR, Example, FieldMap, TellInputError, read_records, record_to_messages
+from tell.halu_targets import halu_thought
 from tell.task_files import RowFormat, file_digest, read_test_file
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class Task:
     score: Callable[[list[str], list[str]], dict]  # (outputs, references) -> metrics dict
     row_scores: Callable[[list[str], list[str]], list[float]]
     max_new_tokens: int = 256
+    label_diagnostics: Callable[[list[str], list[str]], dict] | None = None
+    """(outputs, references) -> majority_baseline and predicted_label_counts; None for a label-free task."""
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -105,14 +108,10 @@ def _file_rows(task: str, test_file: str | Path, records: list[tuple[int, str, s
 HALU_TEST_FILE = DATASETS_DIR / "halu_cot_json_test.jsonl"
 HALU_POOL_FILE = DATASETS_DIR / "halueval_general.jsonl"
 HALU_MAX_PROMPT_CHARS = 12000
-SPAN_MAX_CHARS = 300
 # Separators of the test prompts' task block (checked against all 1006 prompts in the tests).
 _RELATIVES = "'relatives' : "
 _QUERY = "\n'user_query' : "
 _RESPONSE = "\n'chatgpt_response' : "
-HALU_NO_THOUGHT = ("The response answers the query consistently and contains no factual errors "
-                   "or unsupported claims.")
-HALU_YES_GENERIC = "The response contains factual errors or unsupported claims, so it is a hallucination."
 HALU_TEST_FORMAT = RowFormat("prompt", "response", ("yes", "no"), (_QUERY, _RESPONSE), "Halu-CoT-JSON")
 
 
@@ -139,38 +138,11 @@ def halu_query_of(prompt: str) -> str:
     return prompt[start: prompt.index(_RESPONSE, start)]
 
 
-def _clip(text: str) -> str:
-    text = text.strip()
-    return text if len(text) <= SPAN_MAX_CHARS else text[:SPAN_MAX_CHARS].rstrip() + "..."
-
-
-def _quotes(span: str, response: str) -> bool:
-    # Annotators sometimes join non-adjacent response lines into one span; each line is a quote.
-    return all(line.strip() in response for line in span.splitlines() if line.strip())
-
-
-def halu_thought(row: dict) -> str:
-    """Return the 'thought' of a HaluEval row: quoted hallucinated spans for "yes", else a fixed
-    consistency statement. Spans not found in the response are annotator notes ("Incomplete
-    answer") and are listed as such; a "yes" row without spans gets a generic statement."""
-    if row["hallucination"] != "yes":
-        return HALU_NO_THOUGHT
-    spans = [s for s in row.get("hallucination_spans") or [] if isinstance(s, str) and s.strip()]
-    quoted = [s for s in spans if _quotes(s, row["chatgpt_response"])]
-    notes = [s for s in spans if not _quotes(s, row["chatgpt_response"])]
-    parts = []
-    if quoted:
-        parts.append("The response contains claims that are not supported or are wrong: "
-                     + "; ".join(f'"{_clip(s)}"' for s in quoted) + ".")
-    if notes:
-        parts.append("Problems noted: " + "; ".join(_clip(s).rstrip(".") for s in notes) + ".")
-    return " ".join(parts) + " These are hallucinations." if parts else HALU_YES_GENERIC
-
-
 def halu_target(row: dict) -> str:
     """Return the training answer: ``json.dumps({"thought", "hallucination"}, ensure_ascii=False)``
     with default separators, i.e. the ``{"thought": "...", "hallucination": "no"}`` shape the prompt
-    itself shows; it validates against metrics.HALU_SCHEMA."""
+    itself shows; it validates against metrics.HALU_SCHEMA. The thought comes from the row itself
+    (halu_targets.halu_thought)."""
     return json.dumps({"thought": halu_thought(row), "hallucination": row["hallucination"]},
                       ensure_ascii=False)
 
@@ -245,6 +217,7 @@ def _halu_task(test_file: str | Path | None = None) -> Task:
         score=metrics.halu_json_scores,
         row_scores=metrics.halu_json_row_scores,
         max_new_tokens=192,
+        label_diagnostics=metrics.halu_label_diagnostics,
     )
 
 
@@ -421,7 +394,8 @@ def _user_task(name: str, test_file: str | Path, metric: str | None, schema_file
 
     return Task(name=name, train_examples=train_examples,
                 test_rows=lambda limit, seed: seeded_sample(tests, limit, seed),
-                score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric])
+                score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric],
+                label_diagnostics=metrics.exact_label_diagnostics if metric == "exact" else None)
 
 
 def _user_train_pool(name: str, train_file, tests: Sequence[TestRow]) -> tuple[Example, ...]:
