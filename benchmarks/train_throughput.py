@@ -34,6 +34,8 @@ import tempfile
 import time
 import warnings
 
+from tell.hardware import CPU_FLAGS, cpu_kind  # noqa: F401  (one definition of a CPU kind: runs record it too)
+
 ANCHOR = "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict."
 
 
@@ -51,21 +53,6 @@ def build_mix(task_rows: int, ratio: str, tokenizer):
     task = anchored_examples(TASKS["halu-cot-json"]().train_examples(task_rows, 42), ANCHOR, "user-prefix")
     general = load_examples("alpaca", "general")
     return _build(task, general, MixConfig(ratio=ratio), tokenizer, 8192)
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_kind() -> dict:
-    """Return this CPU's model name, logical cores and which of CPU_FLAGS it has (the "kind" of a figure)."""
-    try:
-        info = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        info = ""
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return {"model_name": name, "logical_cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
-            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def benchmark_dtype(asked: str) -> str:

@@ -85,6 +85,16 @@ def test_train_writes_a_complete_run_directory(run_dir):
     assert manifest["anchor"] == ANCHOR
 
 
+def test_a_run_says_which_machine_dtype_and_kernels_trained_it(run_dir):
+    from tell.hardware import cpu_kind, cpu_label
+    path = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["runtime"]["train"]
+    assert path == json.loads((run_dir / "train_summary.json").read_text())["compute_path"]
+    dtype = "bf16" if cpu_kind()["native_bf16"] else "fp32"  # dtype auto
+    assert (path["device"], path["cpu_kind"], path["dtype"]) == ("cpu", cpu_label(), dtype)
+    assert path["threads"] >= 1 and path["micro_batch_tokens"] >= 1
+    assert path["attention"].startswith("packed rows") and path["lora"].startswith("fused LoRA matmuls (")
+
+
 def test_generate_answers_prompts_with_the_runs_anchor(run_dir, tmp_path, capsys):
     output = tmp_path / "answers.jsonl"
     assert tell("generate", "--run", run_dir, "--prompts", FIXTURES / "prompts.jsonl", "--max-new-tokens", "3",

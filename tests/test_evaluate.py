@@ -72,6 +72,9 @@ def test_eval_then_score_reproduces_metrics(tiny_model_dir, user_task, tmp_path,
     assert metrics["majority_baseline"] == pytest.approx(1 / 5)  # five different words, one each
     assert sum(metrics["predicted_label_counts"].values()) == 5 and metrics["anchor_copy_rate"] == 0.0
     assert "target_copy_rate" not in metrics and "target_copy_rate" not in rescored
+    path = metrics["compute_path"]  # which generation kernels ran, on which CPU kind
+    assert path["device"] == "cpu" and path["cpu_kind"] and path["threads"] >= 1 and path["batch_size"] == 16
+    assert path["prefill"].startswith("packed rows") and path["decode"].startswith("cached matmul attention")
 
 
 def test_diagnostics_of_a_trained_run_in_eval_and_score(tiny_model_dir, user_task, tmp_path):
@@ -212,6 +215,9 @@ def test_a_zero_adapter_arm_is_the_base_model_evaluated_once(tiny_model_dir, use
     assert results["sft"]["general_loss"] == results["base"]["general_loss"]
     report = (out / "report.md").read_text()
     assert "| sft (= base: zero adapter) |" in report and "exactly zero" in report
+    from tell.hardware import cpu_label
+    assert results["_summary"]["machine"]["cpu_kind"] == cpu_label()  # where and how it computed, said
+    assert "Machine: " in report and cpu_label() in report and "Training: " in report and "Generation: " in report
 
 
 def test_compare_refuses_bad_input_before_training(tiny_model_dir, user_task, tmp_path, capsys):

@@ -315,7 +315,7 @@ def _dispatch(args, extra) -> int:
 
 def _metrics_text(metrics: dict) -> str:
     import json
-    return json.dumps({k: v for k, v in metrics.items() if k not in ("generation",)}, indent=1)
+    return json.dumps({k: v for k, v in metrics.items() if k not in ("generation", "compute_path")}, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_tex
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
                              staged_output, task_from_config, test_rows_from_config)
 from tell.generate import usable_backend
-from tell.model import cache_dir
+from tell.hardware import machine
+from tell.model import cache_dir, pick_device
 
 TRAINED_ARMS = {"sft": "sft", "sft-matched": "sft", "tell": "tell", "general": "general"}
 # Arms whose prompts carry the anchor at evaluation: the trained-with-anchor arms and the control.
@@ -121,7 +122,8 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
             print(f"[tell] {arm}: " + _headline(results[arm]), flush=True)
         summary = {"task": task.name, "test_rows": len(inputs.rows), "task_rows": len(inputs.task_examples),
                    "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick,
-                   "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings}
+                   "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings,
+                   "machine": machine(pick_device(cfg.model))}
         (tmp / "results.json").write_text(json.dumps({**results, "_summary": summary}, indent=1) + "\n")
         write_compare_report(results, summary, tmp)
     return {**results, "_summary": summary}
@@ -166,7 +168,8 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
     metrics.update(optimizer_steps=train_summary.get("optimizer_steps", 0),
                    trained_tokens=train_summary.get("trained_tokens", 0),
                    train_flops=train_summary.get("train_flops", 0.0),
-                   task_tokens=manifest.get("task_tokens", 0), general_tokens=manifest.get("general_tokens", 0))
+                   task_tokens=manifest.get("task_tokens", 0), general_tokens=manifest.get("general_tokens", 0),
+                   train_compute_path=train_summary.get("compute_path"))
     if run_dir is not None and model_dir is None:
         metrics["same_as_base"] = ("the adapter is exactly zero (every LoRA B matrix is 0 after training), so this "
                                    "arm is the base model: its generations and losses are the base model's")

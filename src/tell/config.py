@@ -317,7 +317,7 @@ def load_yaml_overrides(path: str | Path) -> tuple[dict[str, object], dict[str, 
         return {}, {}
     if not isinstance(node, yaml.MappingNode):
         raise TellInputError("a config file must be a mapping of sections", path, 1)
-    flat = _yaml_flat(node)
+    flat = {k: v for k, v in _yaml_flat(node).items() if not k.startswith(RUNTIME + ".")}  # a run's config.yaml
     return {k: v for k, (v, _) in flat.items()}, {k: line for k, (_, line) in flat.items()}
 
 
@@ -376,14 +376,21 @@ def config_dict(cfg: object) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+RUNTIME = "runtime"  # a run's record of the machine, dtype and kernels that ran: written, never read back
+
+
+def dump_config(cfg: RunConfig, path: str | Path, runtime: dict | None = None) -> None:
+    """Write the resolved config as YAML; `runtime` (which path ran) goes last, under its own key."""
+    values = config_dict(cfg) | ({RUNTIME: runtime} if runtime else {})
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def config_from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `config_dict` output (e.g. a run's config.yaml)."""
     flat = {}
     for section, content in values.items():
+        if section == RUNTIME:
+            continue
         if isinstance(content, dict):
             flat.update({f"{section}.{k}": v for k, v in content.items()})
         else:

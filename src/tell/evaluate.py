@@ -21,7 +21,7 @@ import torch
 from tell import metrics as task_metrics
 from tell.config import GenerateConfig
 from tell.data import Example, TellInputError, read_records
-from tell.generate import LoadedRun, answer_texts, prompt_texts
+from tell.generate import LoadedRun, answer_texts, generation_path, prompt_texts
 from tell.mix import encode_examples
 from tell.model import context_length
 from tell.packing import IGNORE, Row, collate
@@ -72,7 +72,8 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
     metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
                    generation={**asdict(cfg), "max_new_tokens": max_new_tokens}, backend=cfg.backend,
                    generate_wall_s=round(wall, 2), new_tokens=new_tokens,
-                   new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2))
+                   new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2),
+                   compute_path=generation_path(run, cfg))
     return EvalResult(metrics, records, run.anchor)
 
 

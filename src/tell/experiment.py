@@ -231,6 +231,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
         autocast = autocast_dtype(cfg.model, pick_device(cfg.model))
         _, result = train_lora(model, prepared.tokenizer, prepared.mix, cfg.train, tmp, autocast,
                                run_config=_plain(cfg))
+        dump_config(cfg, tmp / "config.yaml", runtime={"train": result.compute_path})
     return result
 
 
@@ -250,6 +251,7 @@ def resume_train(out: str | Path):
     model, tokenizer = load_model(cfg.model)
     _, result = train_lora(model, tokenizer, mix, cfg.train, partial, autocast_dtype(cfg.model, pick_device(cfg.model)),
                            run_config=_plain(cfg), resume=True)
+    dump_config(cfg, partial / "config.yaml", runtime={"train": result.compute_path})
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

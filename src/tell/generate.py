@@ -16,7 +16,8 @@ from tell.anchor import anchored_messages
 from tell.config import GenerateConfig, ModelConfig, RunConfig, config_from_dict
 from tell.data import TellInputError
 from tell.mix import render_prompt
-from tell.cpu_decode import cached_attention, new_cache, packed_prefill, packs
+from tell.cpu_decode import cached_attention, new_cache, packed_prefill, packs, switches_attention
+from tell.hardware import dtype_name, machine
 from tell.model import autocast_dtype, load_model, pick_device, quiet_peft, resolve_model_path
 
 
@@ -116,6 +117,21 @@ def _for_inference(model, cfg: ModelConfig):
     """
     dtype = autocast_dtype(cfg, pick_device(cfg))
     return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def generation_path(run: LoadedRun, cfg: GenerateConfig) -> dict:
+    """Return what generation computes with: machine (CPU kind, threads), dtype, prefill and decode kernels."""
+    if run.model is None:  # vLLM: its own kernels
+        return {"backend": cfg.backend, "batch_size": cfg.batch_size}
+    model = run.model
+    device = next(model.parameters()).device
+    rerouted = switches_attention(model) and model.config._attn_implementation == "sdpa"
+    return {**machine(device), "backend": cfg.backend, "dtype": dtype_name(next(model.parameters()).dtype),
+            "batch_size": cfg.batch_size,
+            "prefill": "packed rows, shared prefix once (cpu_decode.packed_prefill)" if packs(model)
+            else f"padded batch, the model's {model.config._attn_implementation} attention",
+            "decode": "cached matmul attention over a growing KV buffer (cpu_decode)" if rerouted
+            else f"the model's {model.config._attn_implementation} attention"}
 
 
 def prompt_texts(run: LoadedRun, prompts: list[tuple[dict, ...]], use_anchor: bool = True) -> list[str]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tell.hardware import DTYPE_NAMES
+
 IGNORE = -100
 
 
@@ -78,7 +80,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       scaling=scaling, **kwargs)
     edges = bounds.tolist()
     outputs = []
-    short_row = SHORT_ROW.get(_DTYPE_NAMES.get(query.dtype), 0) if query.device.type == "cpu" else 0
+    short_row = SHORT_ROW.get(DTYPE_NAMES.get(query.dtype), 0) if query.device.type == "cpu" else 0
     for a, b in zip(edges[:-1], edges[1:]):
         if b - a <= short_row and dropout == 0:
             outputs.append(_matmul_causal_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
@@ -95,7 +97,14 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 # as fast at every length (paired, 6 steps: 179.5 tok/s vs 174.8 with matmul attention up to 768 tokens) and
 # keeps less memory, so it runs everywhere. PERFORMANCE.md has both tables.
 SHORT_ROW = {"bf16": 768, "fp32": 0}
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def attention_path(dtype_name: str, device_type: str = "cpu") -> str:
+    """Return, in words, the training attention that runs for rows of this dtype (what a run records)."""
+    short_row = SHORT_ROW.get(dtype_name, 0) if device_type == "cpu" else 0
+    if short_row:
+        return f"packed rows: matmul attention up to {short_row} tokens, SDPA flash above"
+    return "packed rows: SDPA flash attention per row"
 
 
 def _matmul_causal_attention(query, key, value, scaling: float) -> torch.Tensor:

@@ -222,8 +222,27 @@ generation and scoring of the test rows, the held-out general loss.
 {chr(10).join(stage_lines)}
 
 Total: {summary['wall_s']} s (cached arms count as ~0).
-"""
+{_compute_lines(results, summary)}"""
     (out_dir / "report.md").write_text(text, encoding="utf-8")
+
+
+def _compute_lines(results: dict, summary: dict) -> str:
+    """Return the lines saying where and how this comparison computed (machine, dtype, kernels)."""
+    host = summary.get("machine") or {}
+    if not host:
+        return ""
+    where = (f"{host.get('cpu', '?')}, {host.get('cpu_kind', '?')}, {host.get('threads', '?')} threads"
+             if host.get("device") == "cpu" else f"{host.get('gpu', host.get('device'))}")
+    train = next((m["train_compute_path"] for m in results.values() if m.get("train_compute_path")), None)
+    gen = next((m["compute_path"] for m in results.values() if m.get("compute_path")), None)
+    lines = [f"\nMachine: {where}; torch {host.get('torch', '?')}."]
+    if train:
+        lines.append(f"Training: {train['dtype']}, {train['attention']}, {train['lora']}, micro-batches of "
+                     f"{train['micro_batch_tokens']} tokens.")
+    if gen and "prefill" in gen:
+        lines.append(f"Generation: {gen['dtype']}, batch {gen['batch_size']}, prefill: {gen['prefill']}; "
+                     f"decode: {gen['decode']}.")
+    return "\n".join(lines) + "\n"
 
 
 def _same_as_base_note(results: dict) -> str:

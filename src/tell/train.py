@@ -25,11 +25,12 @@ from tell.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, 
 from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.fused_lora import fuse_lora_layers
+from tell.hardware import dtype_name, machine
 from tell.mix import Mix, encode_examples
 from tell.model import quiet_peft
 from tell.trackers import open_tracker
-from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, can_pack, collate, collate_packed,
-                          micro_batches, packed_micro_batches, token_losses)
+from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, attention_path, can_pack, collate,
+                          collate_packed, micro_batches, packed_micro_batches, token_losses)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TrainResult:
     final_loss: float
     final_loss_task: float | None
     final_loss_general: float | None
+    compute_path: dict | None = None  # which dtype and kernels ran, on which machine (compute_path())
 
 
 def training_rows(tokenizer, mix: Mix, max_length: int) -> list[Row]:
@@ -76,8 +78,18 @@ def add_lora(model, cfg: TrainConfig):
     except ValueError as err:
         raise TellInputError(f"cannot add LoRA: {err}", None, None, "train.target_modules") from None
     _sparse_lora_dropout(peft_model)  # for any layer the fused path leaves to PEFT
-    fuse_lora_layers(peft_model)
+    peft_model.tell_fused_layers = fuse_lora_layers(peft_model)
     return peft_model
+
+
+def compute_path(model, device: torch.device, autocast: torch.dtype | None, cfg: TrainConfig) -> dict:
+    """Return what a training run computes with: machine (CPU kind, threads), dtype, attention, LoRA kernel."""
+    dtype = dtype_name(autocast)
+    fused = getattr(model, "tell_fused_layers", 0)
+    return {**machine(device), "dtype": dtype, "micro_batch_tokens": cfg.micro_batch_tokens,
+            "attention": attention_path(dtype, device.type) if can_pack(model) else "padded micro-batches, "
+            f"the model's {getattr(model.config, '_attn_implementation', '?')} attention",
+            "lora": f"fused LoRA matmuls ({fused} layers)" if fused else "PEFT LoRA layers"}
 
 
 def flops_per_token(model) -> tuple[float, float]:
@@ -186,6 +198,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     model = add_lora(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    path = compute_path(model, device, autocast, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     per_token, per_label = flops_per_token(model)
@@ -229,7 +242,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
         trained_tokens=totals["tokens"], label_tokens=totals["labels"], train_flops=totals["flops"],
         wall_s=round(wall, 3), tokens_per_s=round(totals["tokens"] / max(wall, 1e-9), 2),
         final_loss=record.get("loss", float("nan")), final_loss_task=_last(out_dir, "loss_task"),
-        final_loss_general=_last(out_dir, "loss_general"))
+        final_loss_general=_last(out_dir, "loss_general"), compute_path=path)
     (out_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
     plot_loss_curve(out_dir / "train_log.jsonl", out_dir / "loss_curve.png")
     model.eval()

@@ -1,0 +1,58 @@
+"""What machine a run computes on: the CPU kind, threads and dtype names that every run records.
+
+Used by train and generate to say, in a run's outputs, which path ran (its dtype, kernels and the CPU kind
+they were chosen for), so a figure or a metric can always be traced to the hardware that produced it.
+There are two CPU kinds: with native bf16 (avx512_bf16 or amx_bf16, bf16 matmuls fast) and without (avx2
+only: bf16 is emulated, ~100x slower than fp32, and fp32 is the fast path).
+"""
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+
+import torch
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@lru_cache(maxsize=1)
+def cpu_kind() -> dict:
+    """Return this CPU's model name, logical cores, which of CPU_FLAGS it has and whether bf16 is native."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        info = ""
+    lines = info.splitlines()
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "?")
+    return {"model_name": name, "logical_cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
+def cpu_label() -> str:
+    """Return the CPU kind in a few words, e.g. 'avx2-only (no native bf16)'."""
+    kind = cpu_kind()
+    if kind["native_bf16"]:
+        return "avx512_bf16 (native bf16)" if "avx512_bf16" in kind["flags"] else "amx_bf16 (native bf16)"
+    if "avx512f" in kind["flags"]:
+        return "avx512 without bf16"
+    return "avx2-only (no native bf16)" if "avx2" in kind["flags"] else "no avx2"
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """Return the device, its kind and the thread count a computation runs with (recorded beside metrics)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"device": str(device), "gpu": torch.cuda.get_device_name(device),
+                "cuda": str(torch.version.cuda), "torch": str(torch.__version__)}
+    return {"device": "cpu", "cpu": cpu_kind()["model_name"], "cpu_kind": cpu_label(),
+            "cpu_flags": cpu_kind()["flags"], "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """Return 'bf16', 'fp16' or 'fp32' (None, no autocast, computes in fp32)."""
+    return DTYPE_NAMES.get(dtype or torch.float32, str(dtype))
