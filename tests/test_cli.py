@@ -199,3 +199,20 @@ def test_help_works_for_every_verb(verb, capsys):
         cli.main([verb, "--help"] if verb else ["--help"])
     assert info.value.code == 0
     assert "usage: tell" in capsys.readouterr().out
+
+
+def test_compare_has_its_own_defaults_under_yaml_and_flags(tmp_path, capsys):
+    """`tell compare` starts from compare.DEFAULTS (sized for 20 min on a 2-core CPU); a YAML and flags override
+    them, and the earlier default stays a preset."""
+    from tell.compare import DEFAULTS
+    assert tell("compare", "--print-config") == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["compare"]["task_rows"], cfg["eval"]["limit"], cfg["generate"]["batch_size"]) == (
+        DEFAULTS["compare.task_rows"], DEFAULTS["eval.limit"], DEFAULTS["generate.batch_size"])
+    assert (cfg["train"]["lr"], cfg["train"]["batch_size"], cfg["mix"]["ratio"]) == (1e-4, 16, "10")  # the paper's
+    assert tell("compare", "--config", Path(__file__).parents[1] / "configs" / "compare-ratio10.yaml", "--limit", "7",
+                "--print-config") == 0
+    preset = yaml.safe_load(capsys.readouterr().out)
+    assert (preset["compare"]["task_rows"], preset["eval"]["limit"], preset["generate"]["batch_size"]) == (15, 7, 16)
+    assert tell("train", "--print-config") == 0  # other verbs keep RunConfig's defaults
+    assert yaml.safe_load(capsys.readouterr().out)["eval"]["limit"] == 100

@@ -56,8 +56,8 @@ EVAL_FLAGS = {
     "--metric": (("eval.metric",), {"help": "user task metric: json-schema, exact, regex, chrf, bleu"}),
     "--schema": (("eval.schema",), {"help": "JSON schema file for --metric json-schema"}),
     "--pattern": (("eval.pattern",), {"help": "regular expression for --metric regex"}),
-    "--limit": (("eval.limit",), {"type": int, "help": "seeded sample of N test rows (0 = all; default 100)"}),
-    "--task-rows": (("compare.task_rows",), {"type": int, "help": "task training rows (default 15)"}),
+    "--limit": (("eval.limit",), {"type": int, "help": "seeded sample of N test rows (0 = all; default 100, compare 48)"}),
+    "--task-rows": (("compare.task_rows",), {"type": int, "help": "task training rows (compare: 6; the paper: 15)"}),
     "--arms": (("compare.arms",), {"help": "comma list of base, base-anchor, sft, sft-matched, tell, general"}),
 }
 VERB_FLAGS = {
@@ -212,6 +212,9 @@ def config_from_args(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     if getattr(args, "allow_repeat", None):
         overrides["mix.allow_repeat"] = True
     overrides.update(dotted_overrides(extra))
+    if args.verb == "compare":
+        from tell.compare import default_config
+        return load_config(args.config, overrides, base=default_config())
     return load_config(args.config, overrides)
 
 

@@ -170,7 +170,8 @@ class CompareConfig:
     arms: str = "base,sft,tell,general"
     """Comma-separated arms: base, base-anchor, sft, sft-matched, tell, general."""
     task_rows: int = 15
-    """Task training rows drawn (seeded by mix.seed) from the task's training pool [paper: 15]."""
+    """Task training rows drawn (seeded by mix.seed) from the task's training pool [paper: 15] (`tell compare` starts
+    from compare.DEFAULTS: 6)."""
     cache: bool = True
     """Reuse trained runs and evaluations whose inputs did not change (under $TELL_CACHE)."""
     task_tokens: int = 0

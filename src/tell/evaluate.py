@@ -24,7 +24,8 @@ from tell.data import Example, TellInputError, read_records
 from tell.generate import LoadedRun, answer_texts, generation_path, prompt_texts
 from tell.mix import encode_examples
 from tell.model import context_length
-from tell.packing import IGNORE, Row, collate
+from tell.packing import (Row, can_pack, collate, collate_packed, micro_batches, packed_micro_batches,
+                          token_losses)
 from tell.tasks import Task, TestRow
 
 
@@ -140,33 +141,22 @@ def score_generations(task: Task, path: str | Path, anchor: str | None = None,
 def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: int = 1024) -> dict:
     """Return the mean loss (nats per answer token) and perplexity of the model on held-out general rows.
 
-    Loss is counted on the answer tokens only, as in training; rows are batched by length and right-padded.
+    Loss is counted on the answer tokens only, as in training, and computed the way training computes it:
+    rows packed padding-free where the model allows, the LM head only at answer tokens. (The padded batches
+    with full logits this replaced took 66-76 s an arm for 32 rows on a 2-core avx2-only CPU.)
     """
     if not examples:
         return {}
     device = next(model.parameters()).device
-    encoded = encode_examples(tokenizer, examples)
     limit = context_length(model)
+    rows = [Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in encode_examples(tokenizer, examples)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count, batch = 0.0, 0, []
-    for enc in sorted(encoded, key=lambda e: len(e.input_ids)) + [None]:
-        if enc is not None and (not batch or len(enc.input_ids[:limit]) * (len(batch) + 1) <= max_batch_tokens):
-            batch.append(enc)
-            continue
-        loss_sum, labels = _batch_loss(model, batch, pad_id, limit, device)
-        total, count, batch = total + loss_sum, count + labels, [enc]
+    pack = can_pack(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for group in (packed_micro_batches if pack else micro_batches)(rows, max_batch_tokens):
+            losses, _ = token_losses(model, collate_packed(group, device) if pack else collate(group, pad_id, device))
+            total, count = total + float(losses.double().sum()), count + losses.numel()
     mean = total / max(count, 1)
     return {"general_loss": round(mean, 5), "general_ppl": round(math.exp(mean), 4),
             "general_loss_rows": len(examples), "general_loss_tokens": count}
-
-
-def _batch_loss(model, batch, pad_id: int, limit: int, device) -> tuple[float, int]:
-    """Return (summed answer-token loss, answer tokens) of one right-padded batch."""
-    rows = [Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in batch]
-    inputs = collate(rows, pad_id, device)
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                   use_cache=False).logits[:, :-1]
-    targets = inputs["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
-                                               reduction="sum")
-    return float(losses), int((targets != IGNORE).sum())
