@@ -32,8 +32,9 @@ ANCHORED_ARMS = {"base-anchor", "tell", "general"}
 # batch 16, warmup 0.03, ratio 10) at a size whose run fits 20 min on a 2-core CPU of either kind (measured in
 # PERFORMANCE.md; training ~200 tok/s at best on an avx2-only CPU, so ~70k trained tokens in all). The earlier
 # default, 15 rows and 100 test rows, is configs/compare-ratio10.yaml. One batch of 48 prompts: larger
-# generation batches are faster per row on these CPUs (PERFORMANCE.md, Generation).
-DEFAULTS = {"compare.task_rows": 6, "eval.limit": 48, "generate.batch_size": 48}
+# generation batches are faster per row on these CPUs (PERFORMANCE.md, Generation). 16 held-out general rows:
+# their loss is a forward pass over ~10k tokens, ~25 s an arm on an avx2-only CPU.
+DEFAULTS = {"compare.task_rows": 6, "eval.limit": 48, "generate.batch_size": 48, "eval.general_rows": 16}
 QUICK = {"compare.task_rows": 4, "mix.ratio": "3", "eval.limit": 16, "generate.max_new_tokens": 96,
          "eval.general_rows": 8}  # 8 held-out general rows: ~10 s an arm on 2 cores instead of ~20 s
 
