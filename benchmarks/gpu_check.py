@@ -79,7 +79,7 @@ def build_random_model(out: Path, device: torch.device) -> Path:
 
 
 def run_config(model_dir: str, device: str, out: Path, steps: int, **train):
-    from tell.compare import DEFAULT_ANCHORS
+    from tell.anchor import DEFAULT_ANCHORS
     from tell.config import RunConfig
     cfg = RunConfig()
     cfg.model.name, cfg.model.device = model_dir, device
