@@ -85,12 +85,13 @@ def main() -> None:
     from tell.model import load_model
     from tell.train import _train_step, add_lora, epoch_batches, training_rows
     warnings.simplefilter("ignore")
-    model, tokenizer = load_model(ModelConfig(device="cpu"))
+    dtype = benchmark_dtype(args.dtype)
+    model, tokenizer = load_model(ModelConfig(device="cpu", dtype=dtype))  # loaded in it: tell casts no model
     cfg = TrainConfig()
     rows = training_rows(tokenizer, build_mix(args.task_rows, args.ratio, tokenizer), 10**9)
     batches = epoch_batches(rows, cfg.batch_size, 1, cfg.seed)
-    autocast = torch.bfloat16 if benchmark_dtype(args.dtype) == "bf16" else None
-    model = add_lora(model.to(autocast) if autocast else model, cfg)
+    autocast = torch.bfloat16 if dtype == "bf16" else None
+    model = add_lora(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -15,7 +15,7 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "hardware", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "evaluate",
+ORDER = ["config", "hardware", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "evaluate",
          "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
 ALLOWED = {("config", "data")}
 

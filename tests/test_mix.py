@@ -184,3 +184,21 @@ def test_general_rows_keep_their_source_label(tiny_tokenizer, task, pool):
     relabelled = [replace(e, source="general") for e in pool[:30]]
     mix = mix_of(task, relabelled, tiny_tokenizer, ratio="max")
     assert Counter(r.example.source for r in mix.rows) == {"task": 20, "general": 30}
+
+
+def test_rows_of_a_tokenizer_without_chat_template_start_with_bos_and_train_eos(tiny_tokenizer):
+    """A base model's tokenizer (no chat template): BOS opens every row and the prompt, EOS closes the
+    answer and is among the trained (labelled) tokens; the prompt is a prefix of the full row."""
+    import copy
+    from tell.mix import encode_examples, render_prompt
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    example = Example("t:1", ({"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}))
+    (encoded,) = encode_examples(plain, [example])
+    ids = list(encoded.input_ids)
+    assert ids[0] == plain.bos_token_id and ids.count(plain.bos_token_id) == 1
+    assert ids[-1] == plain.eos_token_id and encoded.prompt_tokens < len(ids) - 1
+    prompt = render_prompt(plain, example.prompt_messages)
+    assert prompt.startswith(plain.bos_token) and prompt.endswith("assistant:\n")
+    assert ids[:encoded.prompt_tokens] == plain(prompt, add_special_tokens=False)["input_ids"]
+    assert plain.decode(ids[encoded.prompt_tokens:]) == "Red." + plain.eos_token

@@ -286,3 +286,38 @@ def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
     expected = torch.autograd.grad((ref * weights).sum(), (query, key, value))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_collate_packed_gives_the_labelled_positions_on_the_host(rows):
+    """label_positions/targets/rows, built on the host, are exactly the shifted labels of the packed row."""
+    batch = collate_packed(rows[:5], torch.device("cpu"))
+    labels = batch["labels"][0]
+    shifted = torch.cat([labels[1:], labels.new_full((1,), -100)])
+    where = (shifted != -100).nonzero().squeeze(1)
+    assert torch.equal(batch["label_positions"], where)
+    assert torch.equal(batch["label_targets"], shifted[where])
+    edges = batch["row_edges"]
+    assert edges == tuple(batch["cu_seq_lens_q"].tolist()) and edges[-1] == labels.numel()
+    expected_rows = torch.bucketize(where, torch.tensor(edges[1:]), right=True)
+    assert torch.equal(batch["label_rows"], expected_rows)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_padded_attention_of_the_cuda_path_equals_the_cpu_per_row_path(tiny_model, rows, monkeypatch, dropout):
+    """On CUDA the packed rows run as one right-padded causal SDPA call; forced onto the CPU here, its loss
+    and LoRA gradients equal the per-row kernels' (rows of different lengths, several micro-batches)."""
+    import tell.packing
+    model = lora_model(tiny_model).train()
+    results = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(tell.packing, "PADDED_ATTENTION_DEVICES", devices)
+        model.zero_grad()
+        torch.manual_seed(3)  # the same LoRA dropout draws in both runs
+        loss = tell_loss(model, rows, max_tokens=120)
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    (per_row, per_row_grads), (padded, padded_grads) = results
+    torch.testing.assert_close(padded, per_row, rtol=0, atol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(grad, per_row_grads[name], rtol=1e-4,
+                                   atol=1e-5 * per_row_grads[name].abs().max().item(), msg=name)

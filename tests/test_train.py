@@ -4,6 +4,7 @@ matches the model's own loss, and the step log splits the loss by source."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ REPEATED = Example("task:capital.jsonl:1", (
 FAST = TrainConfig(max_steps=8, batch_size=2, lr=5e-3, warmup_ratio=0.0)
 
 
-def fresh_model(model_dir):
-    return load_model(ModelConfig(name=str(model_dir), device="cpu"))
+def fresh_model(model_dir, dtype: str = "fp32"):
+    return load_model(ModelConfig(name=str(model_dir), device="cpu", dtype=dtype))
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,99 @@ def test_short_runs_and_all_warmup_runs_warn():
     steps, warmup = plan_schedule(1000, TrainConfig(batch_size=16, epochs=2))
     assert (steps, warmup) == (126, 4)  # ceil(1000/16) × 2, ceil(0.03 × 126)
     assert plan_schedule(1000, TrainConfig(max_steps=20))[0] == 20
+
+
+def _checkpointed_step(model_dir, rows, checkpointing: bool):
+    """Return (loss, LoRA gradients) of one packed forward + backward, dropout on, seeded the same way."""
+    from tell.packing import collate_packed, packed_attention, packed_micro_batches
+    model, _ = fresh_model(model_dir)
+    model = add_lora(model, TrainConfig(gradient_checkpointing=checkpointing, lora_dropout=0.1, lora_r=4))
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.fill_(0.05)
+    torch.manual_seed(7)
+    total = 0.0
+    for group in packed_micro_batches(rows, 80):
+        with packed_attention(model):  # as _train_step: the recomputing backward inside the routing
+            losses, _ = token_losses(model, collate_packed(group, torch.device("cpu")))
+            loss = losses.sum() / 100
+            loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_plain_loss_and_lora_gradients(tiny_model_dir, tiny_tokenizer):
+    """Non-reentrant checkpointing recomputes each layer in backward (same LoRA dropout draws: the RNG state
+    is replayed): loss and LoRA gradients equal the plain path's."""
+    examples = load_examples(FIXTURES / "general.jsonl", "general")[:10]
+    rows = training_rows(tiny_tokenizer, build_mix(examples, [], MixConfig(mode="sft"), tiny_tokenizer, 512), 512)
+    plain_loss, plain = _checkpointed_step(tiny_model_dir, rows, False)
+    loss, grads = _checkpointed_step(tiny_model_dir, rows, True)
+    assert loss == plain_loss
+    assert grads.keys() == plain.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_is_on_in_the_trained_model(tiny_model_dir):
+    model, _ = fresh_model(tiny_model_dir)
+    peft_model = add_lora(model, TrainConfig(gradient_checkpointing=True))
+    layers = peft_model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_fp16_training_runs_with_loss_scaling_and_records_its_dtype(tiny_model_dir, tmp_path):
+    """--dtype fp16 (GPUs without bf16) on the CPU: base in fp16, LoRA in fp32, a GradScaler in the loop; the
+    loss falls as in fp32 and train_summary.json says which dtype ran."""
+    from tell import cli
+    common = ["train", "--task", str(FIXTURES / "alpaca.jsonl"), "--general", str(FIXTURES / "general.jsonl"),
+              "--model", str(tiny_model_dir), "--ratio", "max", "--batch-size", "4", "--lr", "1e-2",
+              "--train.warmup_ratio", "0", "--save-every", "0"]
+    for dtype in ("fp16", "fp32"):
+        assert cli.main([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+    half, full = (read_log(tmp_path / d / "train_log.jsonl") for d in ("fp16", "fp32"))
+    assert json.loads((tmp_path / "fp16" / "train_summary.json").read_text())["dtype"] == "fp16"
+    assert json.loads((tmp_path / "fp32" / "train_summary.json").read_text())["dtype"] == "fp32"
+    assert all(math.isfinite(r["loss"]) for r in half)
+    assert half[-1]["loss"] < half[0]["loss"]
+    for a, b in zip(half, full):
+        assert abs(a["loss"] - b["loss"]) < 0.05 * b["loss"]
+
+
+def test_grad_scaler_is_on_for_fp16_only(tiny_model_dir, tmp_path, monkeypatch):
+    import tell.train
+    seen = []
+    original = torch.amp.GradScaler
+
+    def recording(device, enabled=True, **kwargs):
+        seen.append(enabled)
+        return original(device, enabled=enabled, **kwargs)
+    monkeypatch.setattr(tell.train.torch.amp, "GradScaler", recording)
+    tokenizer = fresh_model(tiny_model_dir)[1]
+    mix = build_mix([REPEATED] * 2, [], MixConfig(mode="sft"), tokenizer, 512)
+    cfg = TrainConfig(batch_size=2, warmup_ratio=0.0, save_every=0)
+    with pytest.warns(UserWarning):
+        train_lora(fresh_model(tiny_model_dir, "fp16")[0], tokenizer, mix, cfg, tmp_path / "a", autocast=torch.float16)
+        train_lora(fresh_model(tiny_model_dir, "bf16")[0], tokenizer, mix, cfg, tmp_path / "b", autocast=torch.bfloat16)
+    assert seen == [True, False]
+
+
+def test_micro_batch_tokens_default_depends_on_the_device():
+    from tell.train import micro_batch_tokens
+    assert micro_batch_tokens(TrainConfig(), torch.device("cpu")) == 768
+    assert micro_batch_tokens(TrainConfig(), torch.device("cuda", 0)) == 2048
+    assert micro_batch_tokens(TrainConfig(micro_batch_tokens=300), torch.device("cuda", 0)) == 300
+
+
+def test_a_checkpointed_training_run_logs_the_plain_runs_losses(tiny_model_dir, tmp_path):
+    from tell import cli
+    common = ["train", "--task", str(FIXTURES / "alpaca.jsonl"), "--general", str(FIXTURES / "general.jsonl"),
+              "--model", str(tiny_model_dir), "--ratio", "max", "--batch-size", "8", "--lr", "1e-2",
+              "--save-every", "0"]
+    assert cli.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main([*common, "--gradient-checkpointing", "--out", str(tmp_path / "ckpt")]) == 0
+    plain, ckpt = (read_log(tmp_path / d / "train_log.jsonl") for d in ("plain", "ckpt"))
+    assert len(plain) == len(ckpt) > 3
+    for a, b in zip(plain, ckpt):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -58,6 +58,53 @@ def anchored_messages(messages: tuple[dict, ...], anchor: str, placement: str) -
     return tuple(messages)
 
 
+_SYSTEM_ROLE: dict[str, str] = {}
+"""Chat template -> the error it raises on a system message ('' when it renders one)."""
+
+
+def system_role_error(tokenizer) -> str:
+    """Return the error the tokenizer's chat template raises on a system message (Gemma's, older Mistral
+    ones), or '' when it renders one or there is no template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return ""
+    key = str(template)
+    if key not in _SYSTEM_ROLE:
+        from jinja2 import TemplateError
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "anchor"}, {"role": "user", "content": "row"}],
+                                          tokenize=False, add_generation_prompt=True)
+            _SYSTEM_ROLE[key] = ""
+        except TemplateError as err:
+            _SYSTEM_ROLE[key] = str(err) or type(err).__name__
+    return _SYSTEM_ROLE[key]
+
+
+def check_placement(tokenizer, placement: str, model_name: str) -> None:
+    """Raise when the anchor goes into the system message but the model's chat template rejects a system
+    role (Gemma's, some Mistral ones), instead of a template traceback in the middle of the run."""
+    if placement != "system":
+        return
+    if err := system_role_error(tokenizer):
+        raise TellInputError(f"the chat template of model '{model_name}' rejects a system message ({err}), so "
+                             "--anchor-placement system cannot be used with it; use --anchor-placement user-prefix",
+                             None, None, "anchor.placement")
+
+
+def without_system_role(messages) -> tuple[dict, ...]:
+    """Return the messages with a leading system message folded into the first user turn (its text, a blank
+    line, then the user's): for chat templates that reject a system role, as Gemma's documentation advises."""
+    messages = [dict(m) for m in messages]
+    if not messages or messages[0]["role"] != "system":
+        return tuple(messages)
+    system = messages.pop(0)["content"]
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        return ({"role": "user", "content": system}, *messages)
+    messages[first_user]["content"] = f"{system}\n\n{messages[first_user]['content']}"
+    return tuple(messages)
+
+
 def anchored_examples(examples: list[Example], anchor: str, placement: str) -> list[Example]:
     """Return task examples with the anchor applied (unchanged when the anchor is empty)."""
     return [replace(e, messages=anchored_messages(e.messages, anchor, placement)) for e in examples]

@@ -2,8 +2,9 @@
 
 In: the PEFT model, optimizer, scheduler, the step reached and the running totals. Out: ``checkpoint/``
 inside the run being written (LoRA weights, optimizer and scheduler state, torch RNG states, data
-position, CPU thread count). Written to a temporary name and renamed, so a kill mid-save leaves the
-previous checkpoint.
+position, CPU thread count, fp16 loss scale). Written to a temporary name and renamed, so a kill mid-save
+leaves the previous checkpoint. With several processes rank 0 writes it, holding every rank's RNG states,
+and each rank restores its own.
 
 The thread count is part of the state because it is part of the arithmetic: CPU kernels split their sums
 across threads, so one step computed with 2 threads and with 1 differs in the last bits (seen on avx2-only
@@ -20,14 +21,30 @@ import torch
 CHECKPOINT = "checkpoint"
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, totals: dict, elapsed_s: float) -> None:
+def rng_state() -> dict:
+    """Return this process's torch RNG states (CPU, and its current CUDA device's)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def gathered_rng_states(world: int) -> list[dict]:
+    """Return every rank's RNG states, in rank order (a collective: every rank must call it)."""
+    if world <= 1:
+        return [rng_state()]
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, totals: dict, elapsed_s: float,
+                    scaler=None, rng_ranks: list[dict] | None = None) -> None:
     """Write the state after `step` optimizer steps to out_dir/checkpoint (atomically)."""
     state = {
         "step": step, "totals": dict(totals), "elapsed_s": elapsed_s,
         "lora": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng_ranks": rng_ranks or [rng_state()],
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "threads": torch.get_num_threads(),
     }
     tmp = out_dir / (CHECKPOINT + ".tmp")
@@ -47,21 +64,27 @@ def has_checkpoint(out_dir: Path) -> bool:
     return (out_dir / CHECKPOINT / "state.pt").is_file() or (out_dir / (CHECKPOINT + ".old") / "state.pt").is_file()
 
 
-def load_checkpoint(out_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, float]:
-    """Restore the saved state into model/optimizer/scheduler; return (step, totals, elapsed seconds)."""
+def load_checkpoint(out_dir: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) -> tuple[int, dict, float]:
+    """Restore the saved state into model/optimizer/scheduler (and this rank's RNG); return (step, totals,
+    elapsed seconds)."""
     path = out_dir / CHECKPOINT / "state.pt"
     if not path.is_file():  # killed between the two renames: the previous checkpoint is complete
         path = out_dir / (CHECKPOINT + ".old") / "state.pt"
-    state = torch.load(path, weights_only=False)
+    # On the CPU first: tensors saved from cuda:0 would otherwise all land on cuda:0, whatever the rank.
+    state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    ranks = state.get("rng_ranks") or [{"cpu": state["rng_cpu"], "cuda": None}]  # or a checkpoint from before ranks
+    rng = ranks[rank] if rank < len(ranks) else ranks[0]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     restore_threads(state.get("threads"))
     return state["step"], state["totals"], state["elapsed_s"]
 

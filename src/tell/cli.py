@@ -29,7 +29,12 @@ SHORT_FLAGS = {
     "--max-length": (("mix.max_length",), {"type": int, "help": "longest row in tokens (default: context)"}),
     "--on-long": (("mix.on_long",), {"help": "rows over max-length: error (default), truncate, skip"}),
     "--model": (("model.name",), {"help": "'default' (embedded SmolLM2-135M), HF id, directory or .gguf"}),
-    "--dtype": (("model.dtype",), {"help": "auto (default), bf16, fp32"}),
+    "--dtype": (("model.dtype",), {"help": "auto (default: fp32 on CPU; bf16 on a GPU with it, else fp16), bf16, "
+                                           "fp16 (GPUs without bf16: V100, T4; loss-scaled), fp32"}),
+    "--quantize": (("model.quantize",), {"help": "none (default) or 4bit: the frozen base in 4-bit NF4 "
+                                                 "(QLoRA; needs CUDA and bitsandbytes)"}),
+    "--gradient-checkpointing": (("train.gradient_checkpointing",), {"action": "store_true", "default": None,
+                                 "help": "recompute activations in backward: less memory, ~30%% more compute"}),
     "--device": (("model.device",), {"help": "auto (default), cpu, cuda"}),
     "--lr": (("train.lr",), {"type": float, "help": "learning rate (1e-4)"}),
     "--batch-size": (("train.batch_size",), {"type": int, "help": "rows per optimizer step (16)"}),
@@ -38,7 +43,8 @@ SHORT_FLAGS = {
     "--report-to": (("train.report_to",), {"help": "none, tensorboard, wandb, mlflow"}),
     "--save-every": (("train.save_every",), {"type": int, "help": "checkpoint every N steps (20; 0 = never)"}),
     "--micro-batch-tokens": (("train.micro_batch_tokens",), {"type": int, "help": "tokens per forward pass "
-                             "(768; the gradient is the same, larger is faster where memory allows)"}),
+                             "(default 768 on CPU, 2048 on CUDA; the gradient is the same, larger is faster where "
+                             "memory allows)"}),
     "--max-new-tokens": (("generate.max_new_tokens",), {"type": int, "help": "new tokens per answer"}),
     "--backend": (("generate.backend",), {"help": "generation backend: transformers (default) or vllm (GPU)"}),
     "--greedy": (("generate.greedy",), {"action": "store_true", "default": None, "help": "greedy decoding"}),
@@ -64,19 +70,21 @@ VERB_FLAGS = {
     "mix": ["--task", "--general", "--prompt-field", "--response-field", "--anchor", "--anchor-file",
             "--anchor-placement", "--ratio", "--mode", "--order", "--seed", "--count-tokenizer",
             "--max-length", "--on-long", "--model", "--out"],
-    "generate": ["--backend", "--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device"],
+    "generate": ["--backend", "--model", "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device",
+                 "--quantize"],
 }
 VERB_FLAGS["train"] = VERB_FLAGS["mix"] + ["--dtype", "--device", "--lr", "--batch-size", "--epochs",
                                            "--max-steps", "--report-to", "--save-every",
-                                           "--micro-batch-tokens"]
+                                           "--micro-batch-tokens", "--quantize", "--gradient-checkpointing"]
 VERB_FLAGS["eval"] = ["--backend", "--task", "--test", "--metric", "--schema", "--pattern", "--limit", "--model",
-                      "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device", "--out"]
+                      "--max-new-tokens", "--greedy", "--seed", "--dtype", "--device", "--quantize", "--out"]
 VERB_FLAGS["export"] = ["--task", "--task-rows", "--seed"]
 VERB_FLAGS["score"] = ["--task", "--test", "--metric", "--schema", "--pattern", "--out"]
 VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", "--pattern", "--limit",
                          "--task-rows", "--arms", "--ratio", "--anchor", "--anchor-file", "--anchor-placement",
                          "--general", "--order", "--model", "--seed", "--lr", "--batch-size", "--max-new-tokens",
-                         "--greedy", "--dtype", "--device", "--count-tokenizer", "--max-length", "--on-long", "--out"]
+                         "--greedy", "--dtype", "--device", "--count-tokenizer", "--max-length", "--on-long", "--out",
+                         "--quantize", "--gradient-checkpointing", "--micro-batch-tokens"]
 
 for _verb in ("mix", "train", "compare"):
     VERB_FLAGS[_verb].append("--anchor-mode")
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args, extra) -> int:
     from tell import experiment
+    experiment.check_single_process(args.verb)
     if args.verb in ("sweep", "report"):
         return _dispatch_sweep(args, extra)
     if args.verb == "export-model":

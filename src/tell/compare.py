@@ -23,7 +23,7 @@ from tell.experiment import (announce, check_output, heldout_general, prepare_mi
                              staged_output, task_from_config, test_rows_from_config)
 from tell.generate import usable_backend
 from tell.hardware import machine
-from tell.model import cache_dir, pick_device
+from tell.model import cache_dir, pick_device, shared_base
 
 TRAINED_ARMS = {"sft": "sft", "sft-matched": "sft", "tell": "tell", "general": "general"}
 # Arms whose prompts carry the anchor at evaluation: the trained-with-anchor arms and the control.
@@ -126,19 +126,21 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
     cfg.generate.backend = usable_backend(cfg.generate.backend)  # before any arm trains
     arms = [a.strip() for a in cfg.compare.arms.split(",") if a.strip()]
     start = time.perf_counter()
-    inputs = arm_inputs(cfg, task)  # validates all input before training
-    results, timings = {}, {"prepare": {"prepare_s": round(time.perf_counter() - start, 1)}}
-    with staged_output(cfg.out, overwrite) as tmp:
-        dump_config(cfg, tmp / "config.yaml")
-        for arm in arms:
-            results[arm], timings[arm] = _run_arm(cfg, arm, inputs, tmp)
-            print(f"[tell] {arm}: " + _headline(results[arm]), flush=True)
-        summary = {"task": task.name, "test_rows": len(inputs.rows), "task_rows": len(inputs.task_examples),
-                   "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick,
-                   "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings,
-                   "machine": machine(pick_device(cfg.model))}
-        (tmp / "results.json").write_text(json.dumps({**results, "_summary": summary}, indent=1) + "\n")
-        write_compare_report(results, summary, tmp)
+    # One base model for every arm: trained on, merged into and evaluated, restored in between.
+    with shared_base():
+        inputs = arm_inputs(cfg, task)  # validates all input before training
+        results, timings = {}, {"prepare": {"prepare_s": round(time.perf_counter() - start, 1)}}
+        with staged_output(cfg.out, overwrite) as tmp:
+            dump_config(cfg, tmp / "config.yaml")
+            for arm in arms:
+                results[arm], timings[arm] = _run_arm(cfg, arm, inputs, tmp)
+                print(f"[tell] {arm}: " + _headline(results[arm]), flush=True)
+            summary = {"task": task.name, "test_rows": len(inputs.rows), "task_rows": len(inputs.task_examples),
+                       "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick,
+                       "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings,
+                       "machine": machine(pick_device(cfg.model))}
+            (tmp / "results.json").write_text(json.dumps({**results, "_summary": summary}, indent=1) + "\n")
+            write_compare_report(results, summary, tmp)
     return {**results, "_summary": summary}
 
 

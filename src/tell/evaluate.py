@@ -72,10 +72,20 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
     new_tokens = sum(len(run.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
                    generation={**asdict(cfg), "max_new_tokens": max_new_tokens}, backend=cfg.backend,
-                   generate_wall_s=round(wall, 2), new_tokens=new_tokens,
+                   dtype=_dtype_of(run), generate_wall_s=round(wall, 2), new_tokens=new_tokens,
                    new_tokens_per_s=round(new_tokens / max(wall, 1e-9), 2),
                    compute_path=generation_path(run, cfg))
     return EvalResult(metrics, records, run.anchor)
+
+
+def _dtype_of(run: LoadedRun) -> str:
+    """Return the dtype the answers were computed in (fp32, bf16, fp16), as a reader of metrics.json needs."""
+    from tell.model import DTYPES, resolved_dtype
+    names = {v: k for k, v in DTYPES.items()}
+    if run.model is None:  # vLLM: the dtype it was given
+        return names[resolved_dtype(run.config.model)] if run.config else "auto"
+    dtype = getattr(run.model, "dtype", None) or next(run.model.parameters()).dtype
+    return names.get(dtype, str(dtype))
 
 
 def write_eval(result: EvalResult, out_dir: str | Path) -> None:

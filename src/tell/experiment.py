@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tell.anchor import anchored_examples, resolve_anchor_text
+from tell.anchor import anchored_examples, check_placement, resolve_anchor_text
 from tell.config import RunConfig, dump_config, non_default_values
 from tell.data import Example, FieldMap, TellInputError, load_examples
 from tell.mix import Mix, build_mix, write_mix
@@ -58,10 +58,11 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
         task_name = Path(cfg.data.task).stem
     if general_examples is None and cfg.mix.mode != "sft":
         general_examples = load_examples(cfg.data.general, "general", field_map(cfg))
+    tokenizer = load_tokenizer(cfg.model.name)
+    check_placement(tokenizer, cfg.anchor.placement, cfg.model.name)
     resolve_self_instruct(cfg, task_examples, task_name)
     anchor = resolve_anchor_text(cfg.anchor)
     task_examples = anchored_examples(task_examples, anchor, cfg.anchor.placement)
-    tokenizer = load_tokenizer(cfg.model.name)
     count_tokenizer, count_name = tokenizer, cfg.model.name
     if cfg.mix.count_tokenizer:
         count_tokenizer, count_name = load_tokenizer(cfg.mix.count_tokenizer), cfg.mix.count_tokenizer
@@ -188,6 +189,17 @@ def staged_output(out: str | Path, overwrite: bool = False):
     partial.rename(out)
 
 
+def check_single_process(verb: str) -> None:
+    """Raise when a verb other than `train` is launched on several processes (accelerate, torchrun): its ranks
+    would all write the same output directory and cache entries."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and verb != "train":
+        raise TellInputError(f"tell {verb} runs in one process, and it was launched on {world}: the processes "
+                             "would write the same directory. Run it without accelerate/torchrun (it uses one "
+                             "GPU); `tell train` is the verb that splits its batches across processes")
+
+
 def announce(cfg: RunConfig) -> None:
     """Print every value that differs from the defaults (what this run changed)."""
     changed = non_default_values(cfg)
@@ -208,8 +220,10 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
 
 def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
     """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
+    from tell.model import check_quantize
     from tell.trackers import check_tracker
     from tell.train import dist_context, train_lora
+    check_quantize(cfg.model)
     rank, _ = dist_context()
     if rank == 0:
         announce(cfg)
@@ -236,11 +250,13 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
 
 
 def resume_train(out: str | Path):
-    """Continue a killed `tell train` from the checkpoint in `<out>.partial`; return the TrainResult."""
+    """Continue a killed `tell train` from the checkpoint in `<out>.partial`; return the TrainResult (None on
+    ranks other than 0: every rank resumes its share, rank 0 alone writes, then renames the run)."""
     from tell.config import config_from_dict
     from tell.mix import read_mix
-    from tell.train import train_lora
+    from tell.train import barrier, dist_context, train_lora
     import yaml
+    rank, world = dist_context()
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     from tell.checkpoint import has_checkpoint
@@ -251,6 +267,9 @@ def resume_train(out: str | Path):
     model, tokenizer = load_model(cfg.model)
     _, result = train_lora(model, tokenizer, mix, cfg.train, partial, autocast_dtype(cfg.model, pick_device(cfg.model)),
                            run_config=_plain(cfg), resume=True)
+    barrier(world)  # rank 0 has written the adapter and summary before the run directory is renamed
+    if rank != 0:
+        return None
     dump_config(cfg, partial / "config.yaml", runtime={"train": result.compute_path})
     if out.exists():
         shutil.rmtree(out)

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from tell.anchor import anchored_messages
+from tell.anchor import anchored_messages, check_placement
 from tell.config import GenerateConfig, ModelConfig, RunConfig, config_from_dict
 from tell.data import TellInputError
 from tell.mix import render_prompt
 from tell.cpu_decode import cached_attention, new_cache, packed_prefill, packs, switches_attention
 from tell.hardware import dtype_name, machine
-from tell.model import autocast_dtype, load_model, pick_device, quiet_peft, resolve_model_path
+from tell.model import load_model, quiet_peft, resolve_model_path
+from tell.vllm_backend import check_vllm, vllm_imports
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
     if run_dir is None:
         model_cfg = model_cfg or ModelConfig()
         model, tokenizer = load_model(model_cfg)
-        return LoadedRun(_for_inference(model, model_cfg), tokenizer, "", "user-prefix", None,
-                         str(resolve_model_path(model_cfg.name)))
+        return LoadedRun(model, tokenizer, "", "user-prefix", None, str(resolve_model_path(model_cfg.name)))
     from peft import PeftModel
     cfg = load_run_config(run_dir)
     anchor = (Path(run_dir) / "anchor.txt").read_text(encoding="utf-8")
@@ -64,10 +64,11 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
         cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
     model, tokenizer = load_model(cfg.model)
     adapter = str(Path(run_dir) / "adapter")
+    # safe_merge writes each merged weight into a new tensor: a base shared across compare arms keeps its own
     with quiet_peft():
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return LoadedRun(_for_inference(model, cfg.model), tokenizer, anchor, cfg.anchor.placement, cfg,
-                     str(resolve_model_path(cfg.model.name)), adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload(safe_merge=True).eval()
+    return LoadedRun(model, tokenizer, anchor, cfg.anchor.placement, cfg, str(resolve_model_path(cfg.model.name)),
+                     adapter)
 
 
 def _paths_only(run_dir, model_cfg: ModelConfig) -> LoadedRun:
@@ -85,38 +86,12 @@ def _paths_only(run_dir, model_cfg: ModelConfig) -> LoadedRun:
 def usable_backend(name: str) -> str:
     """Return the backend to generate with: `name`, or 'transformers' (said on stderr) when 'vllm' is asked
     for and does not import here. Both give the same metrics; vLLM is only faster on a GPU."""
-    if name != "vllm" or _vllm_imports():
+    if name != "vllm" or vllm_imports():
         return name
     import sys
     print("[tell] --backend vllm: the 'vllm' package does not import on this machine (it needs a GPU: "
           "pip install vllm); generating with the transformers backend instead", file=sys.stderr, flush=True)
     return "transformers"
-
-
-def _vllm_imports() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_vllm() -> None:
-    """Raise a clear error when the vLLM backend is asked for but `vllm` does not import."""
-    if not _vllm_imports():
-        raise TellInputError("--backend vllm needs the 'vllm' package (a GPU machine: pip install vllm); "
-                             "the default backend 'transformers' works everywhere", None, None,
-                             "generate.backend")
-
-
-def _for_inference(model, cfg: ModelConfig):
-    """Return the model in eval mode, cast to bf16 where the hardware has it (dtype auto).
-
-    Measured on the 2-core CPU: bf16 prefill 3.4x and decode 1.8x faster than fp32 at batch 16.
-    Greedy outputs can differ from fp32 in near-ties; `--dtype fp32` keeps full precision.
-    """
-    dtype = autocast_dtype(cfg, pick_device(cfg))
-    return (model.to(dtype) if dtype is not None else model).eval()
 
 
 def generation_path(run: LoadedRun, cfg: GenerateConfig) -> dict:
@@ -137,6 +112,8 @@ def generation_path(run: LoadedRun, cfg: GenerateConfig) -> dict:
 def prompt_texts(run: LoadedRun, prompts: list[tuple[dict, ...]], use_anchor: bool = True) -> list[str]:
     """Return chat-rendered prompt texts, with the run's anchor applied to each."""
     anchor = run.anchor if use_anchor else ""
+    if anchor:
+        check_placement(run.tokenizer, run.placement, run.model_path)
     return [render_prompt(run.tokenizer, anchored_messages(p, anchor, run.placement)) for p in prompts]
 
 
@@ -225,8 +202,9 @@ def _prefill(model, ids, mask, prefix: SharedPrefix | None):
 
 
 def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConfig, max_new_tokens: int,
-                 eos_id: int, prefix: "SharedPrefix | None" = None) -> list[list[int]]:
-    """Return the new token ids of each left-padded row (EOS included when reached).
+                 eos_id: "int | tuple[int, ...]", prefix: "SharedPrefix | None" = None) -> list[list[int]]:
+    """Return the new token ids of each left-padded row (the stop token included when reached); `eos_id` is
+    one stop id or several (see stop_token_ids).
 
     With `prefix`, `ids` hold only what follows the prompts' shared prefix, whose KV cache is reused.
 
@@ -234,6 +212,7 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
     reaches EOS leaves the batch and its cache, so finished rows cost nothing while others go on.
     """
     cache, logits, mask = _prefill(model, ids, mask, prefix)
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=ids.device)
     alive = torch.arange(ids.shape[0], device=ids.device)
     seen = ids if prefix is None else torch.cat([prefix.ids.expand(ids.shape[0], -1), ids], 1)
     answers = [[] for _ in range(ids.shape[0])]
@@ -241,7 +220,7 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
         chosen = next_tokens(logits, seen, cfg)
         for row, token in zip(alive.tolist(), chosen.tolist()):
             answers[row].append(token)
-        keep = (chosen != eos_id).nonzero().squeeze(1)
+        keep = (~torch.isin(chosen, stops)).nonzero().squeeze(1)
         if step == max_new_tokens - 1 or keep.numel() == 0:
             break
         if keep.numel() < alive.numel():
@@ -254,6 +233,24 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
                     cache=cache, use_cache=True)
         logits = out.logits[:, -1].float()
     return answers
+
+
+def stop_token_ids(model_or_path, tokenizer) -> tuple[int, ...]:
+    """Return the ids that end an answer: the model's generation_config eos_token_id (one id or a list:
+    Llama-3 `<|eot_id|>`, Qwen `<|im_end|>`, Gemma `<end_of_turn>`) and the tokenizer's EOS — the set vLLM
+    stops on too. `model_or_path` is a loaded model or a model directory/id (read for vLLM)."""
+    config = getattr(model_or_path, "generation_config", None)
+    if config is None and model_or_path is not None and not hasattr(model_or_path, "config"):
+        from transformers import GenerationConfig
+        try:
+            config = GenerationConfig.from_pretrained(model_or_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            config = None
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(sorted(set(ids)))
 
 
 @torch.inference_mode()
@@ -271,6 +268,7 @@ def _generate_texts(model, tokenizer, texts, cfg, max_new_tokens, progress):
     outputs = [""] * len(texts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = length_batches([len(e) for e in encoded], cfg.batch_size)
+    stops = stop_token_ids(model, tokenizer)
     prefix = shared_prefix(model, encoded, device) if len(encoded) > 1 else None
     if prefix is not None:
         encoded = [e[prefix.length:] for e in encoded]
@@ -284,11 +282,11 @@ def _generate_texts(model, tokenizer, texts, cfg, max_new_tokens, progress):
         for row, i in enumerate(batch):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        answers = decode_batch(model, ids.to(device), mask.to(device), cfg, max_new_tokens, tokenizer.eos_token_id,
-                               prefix)
+        answers = decode_batch(model, ids.to(device), mask.to(device), cfg, max_new_tokens, stops, prefix)
         for row, i in enumerate(batch):
             new_tokens += len(answers[row])
-            outputs[i] = tokenizer.decode(answers[row], skip_special_tokens=True)
+            answer = answers[row][:-1] if answers[row] and answers[row][-1] in stops else answers[row]
+            outputs[i] = tokenizer.decode(answer, skip_special_tokens=True)
         bar.update(len(batch))
         bar.set_postfix(new_tok=new_tokens)
     bar.close()
@@ -298,19 +296,14 @@ def _generate_texts(model, tokenizer, texts, cfg, max_new_tokens, progress):
 def vllm_texts(run: LoadedRun, texts: list[str], cfg: GenerateConfig, max_new_tokens: int) -> list[str]:
     """Return answers generated by vLLM (base model + the run's LoRA adapter), in input order.
 
-    Needs a GPU machine with `vllm` installed; the merged transformers model of `run` is not used.
+    Needs a GPU machine with `vllm` installed; the process keeps one engine for every call.
     """
-    check_vllm()
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-    rank = (run.config.train.lora_r if run.config else 8)
-    llm = LLM(model=run.model_path, enable_lora=bool(run.adapter_dir), max_lora_rank=max(rank, 8), seed=cfg.seed)
-    params = SamplingParams(temperature=0.0 if cfg.greedy else cfg.temperature, top_k=-1 if cfg.greedy else cfg.top_k,
-                            top_p=1.0 if cfg.greedy else cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                            max_tokens=max_new_tokens, seed=cfg.seed)
-    lora = LoRARequest("tell", 1, run.adapter_dir) if run.adapter_dir else None
-    outputs = llm.generate(texts, params, lora_request=lora)
-    return [o.outputs[0].text for o in outputs]
+    from tell.model import dtype_name, resolved_dtype
+    from tell.vllm_backend import vllm_answers
+    model_cfg = run.config.model if run.config else ModelConfig()
+    rank = run.config.train.lora_r if run.config else 8
+    return vllm_answers(run.model_path, run.adapter_dir, rank, dtype_name(resolved_dtype(model_cfg)), run.tokenizer,
+                        texts, cfg, max_new_tokens, stop_token_ids(run.model_path, run.tokenizer))
 
 
 def answer_texts(run: LoadedRun, texts: list[str], cfg: GenerateConfig, max_new_tokens: int,

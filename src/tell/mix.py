@@ -13,10 +13,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tell.anchor import system_role_error, without_system_role
 from tell.config import MixConfig
 from tell.data import Example, TellInputError
 
-PLAIN_TEMPLATE = "{role}: {content}\n"  # for counting tokenizers that have no chat template
+# For tokenizers that have no chat template (base models). Each turn's text starts on a new line: a prompt
+# ending in "assistant: " would be tokenized apart from the answer's first word, which the rendered row
+# merges with that space (" Red"), so training and generation would see different tokens there.
+PLAIN_TEMPLATE = "{role}:\n{content}\n"
+PLAIN_ANSWER = "assistant:\n"
 
 
 @dataclass(frozen=True)
@@ -41,16 +46,33 @@ class Mix:
 
 
 def render_prompt(tokenizer, messages) -> str:
-    """Return the prompt text (chat template + generation prompt) for prompt-only messages."""
+    """Return the prompt text (chat template + generation prompt) for prompt-only messages.
+
+    Without a chat template (a base model such as Llama-2-7b-hf) the plain template is used, opened with the
+    tokenizer's BOS token as its pretraining saw every document begin (rows are tokenized without special
+    tokens, so nothing else adds it).
+    """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "".join(PLAIN_TEMPLATE.format(**m) for m in messages) + "assistant: "
+        return tokenizer.apply_chat_template(_templated(tokenizer, messages), tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + "".join(PLAIN_TEMPLATE.format(**m) for m in messages) + PLAIN_ANSWER
+
+
+def _templated(tokenizer, messages) -> list[dict]:
+    """Return the messages for the chat template: a row's own system message is folded into its user turn
+    where the template rejects a system role (Gemma), rather than failing on it (an anchor asked to go into
+    the system message is refused before, by anchor.check_placement)."""
+    if messages and messages[0]["role"] == "system" and system_role_error(tokenizer):
+        return list(without_system_role(messages))
+    return list(messages)
 
 
 def _render_full(tokenizer, messages) -> str:
+    """Return the whole rendered row; without a chat template the answer ends with the EOS token, so that
+    training teaches a base model to stop (a chat template closes each turn itself)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False)
-    return "".join(PLAIN_TEMPLATE.format(**m) for m in messages)
+        return tokenizer.apply_chat_template(_templated(tokenizer, messages), tokenize=False)
+    *earlier, answer = messages
+    return render_prompt(tokenizer, earlier) + answer["content"] + (tokenizer.eos_token or "")
 
 
 def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:

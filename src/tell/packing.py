@@ -49,36 +49,57 @@ def packed_micro_batches(batch: list[Row], max_tokens: int) -> list[list[Row]]:
     return groups + [current] if current else groups
 
 
-def collate_packed(rows: list[Row], device) -> dict[str, torch.Tensor]:
-    """Return the rows concatenated into one padding-free row: input_ids, labels and position_ids of
-    shape (1, total), and ``cu_seq_lens_q`` (row boundaries, HF's varlen convention)."""
+def collate_packed(rows: list[Row], device) -> dict:
+    """Return the rows concatenated into one padding-free row: input_ids, labels and position_ids of shape
+    (1, total), ``cu_seq_lens_q`` (row boundaries, HF's varlen convention), and what the loss and the
+    attention need, built on the host so that no layer has to read a device tensor back: ``row_edges`` (the
+    boundaries as a tuple), ``label_positions`` (positions that predict a label), ``label_targets`` and
+    ``label_rows`` (the row of each)."""
+    lengths = [len(r.input_ids) for r in rows]
     ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)
-    positions = torch.cat([torch.arange(len(r.input_ids)) for r in rows])
-    starts = torch.tensor([0] + [len(r.input_ids) for r in rows]).cumsum(0)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    edges = [0]
+    for n in lengths:
+        edges.append(edges[-1] + n)
     labels = torch.full_like(ids, IGNORE)
-    for start, r in zip(starts.tolist(), rows):
+    predicting, label_rows = [], []
+    for i, (start, r) in enumerate(zip(edges, rows)):
         # As collate: labels from labels_from, never on a row's first token (nothing predicts it), so the
         # shifted targets never cross from one row into the next.
-        first = start + max(r.labels_from, 1)
-        labels[first:start + len(r.input_ids)] = ids[first:start + len(r.input_ids)]
+        first, end = start + max(r.labels_from, 1), start + len(r.input_ids)
+        labels[first:end] = ids[first:end]
+        predicting.extend(range(first - 1, end - 1))  # position t predicts token t + 1
+        label_rows.extend([i] * max(0, end - first))
+    predicting = torch.tensor(predicting, dtype=torch.long)
     return {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
-            "position_ids": positions[None].to(device), "cu_seq_lens_q": starts.to(torch.int32).to(device)}
+            "position_ids": positions[None].to(device),
+            "cu_seq_lens_q": torch.tensor(edges, dtype=torch.int32).to(device), "row_edges": tuple(edges),
+            "label_positions": predicting.to(device), "label_targets": ids[predicting + 1].to(device),
+            "label_rows": torch.tensor(label_rows, dtype=torch.long).to(device)}
 
 
 PACKED_ATTENTION = "tell_packed_sdpa"
+# Devices whose packed attention runs as one padded SDPA call over all rows (one kernel per layer, nothing
+# read back to the host). Elsewhere (the CPU) each row runs on its own through the CPU kernels below.
+PADDED_ATTENTION_DEVICES = ("cuda",)
 
 
 def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA run causally on each packed row on its own: no attention across rows, no T×T mask, and the
-    causal kernel skips the upper triangle. Without row boundaries it is plain SDPA."""
+    """Causal attention of each packed row on its own: no attention across rows and no T×T mask.
+    On CUDA: the rows padded into one batch and one causal SDPA call; on the CPU: row by row (matmul
+    kernel for short rows, the SDPA flash kernel for long ones). Without row boundaries it is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    edges = kwargs.pop("row_edges", None)
     bounds = kwargs.pop("cu_seq_lens_q", None)
     for key_name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
         kwargs.pop(key_name, None)
-    if bounds is None:
+    if edges is None and bounds is not None:
+        edges = tuple(bounds.tolist())  # a caller that gave only the device tensor: one read-back per layer
+    if edges is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    edges = bounds.tolist()
+    if query.device.type in PADDED_ATTENTION_DEVICES:
+        return _padded_rows_attention(module, query, key, value, edges, dropout, scaling), None
     outputs = []
     short_row = SHORT_ROW.get(DTYPE_NAMES.get(query.dtype), 0) if query.device.type == "cpu" else 0
     for a, b in zip(edges[:-1], edges[1:]):
@@ -91,6 +112,42 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return torch.cat(outputs, dim=1), None
 
 
+def _padded_rows_attention(module, query, key, value, edges: tuple, dropout: float, scaling) -> torch.Tensor:
+    """Causal attention of packed rows as one right-padded batch; returns (1, total, heads, head_dim).
+
+    Each row's queries see only its own keys: padding sits after a row's last key, where the causal mask
+    hides it from every real query; the padded queries' outputs are dropped.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    gather, keep, rows, width = _padding_index(edges, query.device)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (1, heads, total, dim) -> (rows, heads, width, dim)
+        return x[0].index_select(1, gather).view(x.shape[1], rows, width, x.shape[-1]).transpose(0, 1)
+
+    out = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None, dropout=dropout,
+                                 scaling=scaling, is_causal=True)[0]  # (rows, width, heads, dim)
+    return out.reshape(rows * width, *out.shape[2:]).index_select(0, keep)[None]
+
+
+_PADDING: dict = {}
+
+
+def _padding_index(edges: tuple, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Return (packed position of every padded slot, padded slot of every packed token, rows, width) for
+    row boundaries `edges`; built on the host once per micro-batch (every layer asks for the same one)."""
+    if _PADDING.get("key") != (edges, device):
+        lengths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        width = max(lengths)
+        gather = torch.zeros(len(lengths), width, dtype=torch.long)  # padding reads position 0: masked anyway
+        keep = []
+        for i, (a, n) in enumerate(zip(edges, lengths)):
+            gather[i, :n] = torch.arange(a, a + n)
+            keep.extend(range(i * width, i * width + n))
+        _PADDING.update(key=(edges, device), value=(gather.view(-1).to(device), torch.tensor(keep).to(device),
+                                                     len(lengths), width))
+    return _PADDING["value"]
+
+
 # Rows up to this length use matmul attention, by the dtype attention runs in. bf16 (a 2-core avx512_bf16 CPU,
 # 9 query and 3 KV heads of 64): forward + backward 0.6 / 1.6 / 5.9 ms at 150 / 300 / 600 tokens vs 2.8 / 5.8 /
 # 17.5 ms for SDPA's flash kernel; they meet near 800 tokens. fp32 (a 2-core avx2-only CPU): the flash kernel is
@@ -101,6 +158,8 @@ SHORT_ROW = {"bf16": 768, "fp32": 0}
 
 def attention_path(dtype_name: str, device_type: str = "cpu") -> str:
     """Return, in words, the training attention that runs for rows of this dtype (what a run records)."""
+    if device_type in PADDED_ATTENTION_DEVICES:
+        return "packed rows: one right-padded causal SDPA call per layer"
     short_row = SHORT_ROW.get(dtype_name, 0) if device_type == "cpu" else 0
     if short_row:
         return f"packed rows: matmul attention up to {short_row} tokens, SDPA flash above"
@@ -206,24 +265,28 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return losses, rows
 
 
-def _packed_token_losses(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_losses of a collate_packed batch: one padding-free row, attention kept within each row."""
+def packed_attention(model):
+    """Return a context in which the model's attention goes through _packed_sdpa (no mask is built). The
+    backward pass must run inside it too when gradient checkpointing recomputes the layers there: outside,
+    the recomputed layers would run plain SDPA, attending across packed rows."""
     from tell.model import attention_routed
-    bounds = batch["cu_seq_lens_q"]
-    labels = batch["labels"][0]
-    targets = torch.cat([labels[1:], labels.new_full((1,), IGNORE)])  # position t predicts token t+1
-    where = targets != IGNORE
-    config, decoder = causal_lm.config, getattr(causal_lm, causal_lm.base_model_prefix)
-    with attention_routed(config, PACKED_ATTENTION, _packed_sdpa):  # no mask function: no mask is built
+    return attention_routed(_causal_lm(model).config, PACKED_ATTENTION, _packed_sdpa)
+
+
+def _packed_token_losses(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_losses of a collate_packed batch: one padding-free row, attention kept within each row.
+    Labelled positions come from the host (`label_positions`), so no boolean mask is read back."""
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    with packed_attention(causal_lm):
         hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                         cu_seq_lens_q=bounds).last_hidden_state[0]
+                         cu_seq_lens_q=batch["cu_seq_lens_q"], row_edges=batch["row_edges"]).last_hidden_state[0]
+    hidden, targets = hidden.index_select(0, batch["label_positions"]), batch["label_targets"]
     head = causal_lm.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-        losses = _HeadCrossEntropy.apply(hidden[where], head.weight, targets[where])
+        losses = _HeadCrossEntropy.apply(hidden, head.weight, targets)
     else:
-        losses = F.cross_entropy(head(hidden[where]).float(), targets[where], reduction="none")
-    rows = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds.diff())
-    return losses, rows[where]
+        losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return losses, batch["label_rows"]
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -270,24 +270,26 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
     if recovered := recover_stale(conn):
         print(f"[tell] sweep: {recovered} cell(s) left running by a killed sweep will run again", file=sys.stderr)
     ran = 0
-    for row in planned_cells(conn):
-        if base.sweep.max_cells and ran >= base.sweep.max_cells:
-            break
-        if row["status"] in ("done", "running") or not claim(conn, row["key"]):
-            continue
-        ran += 1
-        print(f"[tell] sweep cell {row['key']}: {row['label']}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        try:
-            result = run_cell(config_from_dict(json.loads(row["config"])))
-        except KeyboardInterrupt:
-            fail(conn, row["key"], "interrupted", status="pending")
-            raise
-        except Exception as err:  # noqa: BLE001 - one broken cell must not stop the sweep; its error is kept
-            fail(conn, row["key"], f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
-            print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
-            continue
-        finish(conn, row["key"], _stored_result(result, out / "cells" / row["key"]), time.perf_counter() - start)
+    from tell.model import shared_base
+    with shared_base():  # one base model for all cells of this call, restored between them
+        for row in planned_cells(conn):
+            if base.sweep.max_cells and ran >= base.sweep.max_cells:
+                break
+            if row["status"] in ("done", "running") or not claim(conn, row["key"]):
+                continue
+            ran += 1
+            print(f"[tell] sweep cell {row['key']}: {row['label']}", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                result = run_cell(config_from_dict(json.loads(row["config"])))
+            except KeyboardInterrupt:
+                fail(conn, row["key"], "interrupted", status="pending")
+                raise
+            except Exception as err:  # noqa: BLE001 - one broken cell must not stop the sweep; its error is kept
+                fail(conn, row["key"], f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
+                print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
+                continue
+            finish(conn, row["key"], _stored_result(result, out / "cells" / row["key"]), time.perf_counter() - start)
     conn.close()
     if write_report:
         write_sweep_report(out)

@@ -10,18 +10,20 @@ instead of n. See PERFORMANCE.md for what each of these buys.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from tell.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint, trim_log
+from tell.checkpoint import (gathered_rng_states, has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint,
+                             trim_log)
 from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.fused_lora import fuse_lora_layers
@@ -30,7 +32,7 @@ from tell.mix import Mix, encode_examples
 from tell.model import quiet_peft
 from tell.trackers import open_tracker
 from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, attention_path, can_pack, collate,
-                          collate_packed, micro_batches, packed_micro_batches, token_losses)
+                          collate_packed, micro_batches, packed_attention, packed_micro_batches, token_losses)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class TrainResult:
     final_loss_task: float | None
     final_loss_general: float | None
     compute_path: dict | None = None  # which dtype and kernels ran, on which machine (compute_path())
+    dtype: str = ""
+    """Compute dtype that ran (fp32, bf16, fp16; '(4bit base)' with --quantize 4bit)."""
+    device: str = ""
+    micro_batch_tokens: int = 0
+    """Micro-batch size that ran (the device default when the config says 0)."""
+    processes: int = 1
 
 
 def training_rows(tokenizer, mix: Mix, max_length: int) -> list[Row]:
@@ -66,8 +74,17 @@ def epoch_batches(rows: list[Row], batch_size: int, epochs: int, seed: int) -> l
 
 
 def add_lora(model, cfg: TrainConfig):
-    """Return the model wrapped with fresh LoRA adapters (seeded init), base weights frozen."""
-    from peft import LoraConfig, get_peft_model
+    """Return the model wrapped with fresh LoRA adapters (seeded init), base weights frozen; with
+    gradient checkpointing on when the config asks (and, for a 4-bit base, PEFT's k-bit preparation)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    checkpointing = {"use_reentrant": False}  # reentrant checkpointing drops the LoRA gradients of frozen inputs
+    if getattr(model, "is_loaded_in_4bit", False):
+        # PEFT's QLoRA recipe: norms and head in fp32, input grads on, checkpointing if asked
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=[m.strip() for m in cfg.target_modules.split(",") if m.strip()],
@@ -154,6 +171,13 @@ def sharding_asked() -> str:
     return ""
 
 
+def barrier(world: int) -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         import torch.distributed as dist
@@ -180,8 +204,10 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
                autocast: torch.dtype | None = None, run_config: dict | None = None, resume: bool = False):
     """Return (peft model, TrainResult) after training LoRA on the mix; writes adapter and logs.
 
-    Every `cfg.save_every` steps the full state goes to out_dir/checkpoint; with `resume` the loop
-    continues from it (same batches, RNG and optimizer state, so the adapter equals an unbroken run's).
+    The frozen base computes in the dtype it was loaded in (`load_model`), the LoRA weights stay fp32 and run
+    under `autocast` (None = fp32); fp16 gets loss scaling. Every `cfg.save_every` steps the full state goes
+    to out_dir/checkpoint; with `resume` the loop continues from it (same batches, RNG and optimizer state,
+    so the adapter equals an unbroken run's). With several processes only rank 0 writes anything.
     """
     from transformers import get_linear_schedule_with_warmup
     from tqdm.auto import tqdm
@@ -191,30 +217,31 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     rows = training_rows(tokenizer, mix, mix.manifest.get("max_length") or 10**9)
     steps, warmup = plan_schedule(len(rows), cfg)
     batches = epoch_batches(rows, cfg.batch_size, cfg.epochs, cfg.seed)[:steps]
-    if autocast is not None:
-        # Frozen base weights stored in the autocast dtype skip a cast per matmul: 367 vs 295 tok/s
-        # on the 2-core CPU, same loss to 2e-3. LoRA weights stay fp32 (PEFT's autocast_adapter_dtype).
-        model = model.to(autocast)
     model = add_lora(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    path = compute_path(model, device, autocast, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    # fp16 has 5 exponent bits: small LoRA gradients underflow without a loss scale (bf16 and fp32 need none)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     per_token, per_label = flops_per_token(model)
     rank, world = dist_context()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    step_cfg = replace(cfg, micro_batch_tokens=micro_batch_tokens(cfg, device))
+    path = compute_path(model, device, autocast, step_cfg)
     totals, done, before = {"tokens": 0, "labels": 0, "flops": 0.0}, 0, 0.0
     if resume and has_checkpoint(out_dir):
-        done, totals, before = load_checkpoint(out_dir, model, optimizer, scheduler)
-        trim_log(out_dir / "train_log.jsonl", done)
-    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to if rank == 0 else "none", run_config or {},
-                        first_step=done + 1)
+        done, totals, before = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, rank)
+        if rank == 0:
+            trim_log(out_dir / "train_log.jsonl", done)
+    logger = StepLogger(out_dir / "train_log.jsonl", cfg.report_to, run_config or {},
+                        first_step=done + 1) if rank == 0 else None
     start, record = time.perf_counter() - before, {}
     bar = tqdm(total=len(batches), initial=done, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     try:
         for step, batch in enumerate(batches[done:], start=done + 1):
-            record = _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank, world)
+            record = _train_step(model, batch, step_cfg, pad_id, device, autocast, params, optimizer, rank, world,
+                                 scaler)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             totals["tokens"] += record["tokens"]
@@ -223,17 +250,22 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
             elapsed = time.perf_counter() - start
             record.update(step=step, lr=lr, trained_tokens=totals["tokens"], train_flops=totals["flops"],
                           elapsed_s=round(elapsed, 3), tokens_per_s=round(totals["tokens"] / elapsed, 2))
-            logger.log(record)
+            if logger:
+                logger.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < len(batches) and rank == 0:
-                save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start)
+            if cfg.save_every and step % cfg.save_every == 0 and step < len(batches):
+                rng = gathered_rng_states(world)  # every rank takes part; rank 0 alone writes
+                if rank == 0:
+                    save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start,
+                                    scaler, rng)
     finally:
         bar.close()
-        logger.close(len(batches))
+        if logger:
+            logger.close(len(batches))
     wall = time.perf_counter() - start
+    model.eval()
     if rank != 0:
-        model.eval()
         return model, None
     model.save_pretrained(out_dir / "adapter")
     remove_checkpoint(out_dir)
@@ -242,52 +274,81 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
         trained_tokens=totals["tokens"], label_tokens=totals["labels"], train_flops=totals["flops"],
         wall_s=round(wall, 3), tokens_per_s=round(totals["tokens"] / max(wall, 1e-9), 2),
         final_loss=record.get("loss", float("nan")), final_loss_task=_last(out_dir, "loss_task"),
-        final_loss_general=_last(out_dir, "loss_general"), compute_path=path)
+        final_loss_general=_last(out_dir, "loss_general"), compute_path=path,
+        dtype=_dtype_label(autocast, model),
+        device=str(device), micro_batch_tokens=step_cfg.micro_batch_tokens, processes=world)
     (out_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
     plot_loss_curve(out_dir / "train_log.jsonl", out_dir / "loss_curve.png")
-    model.eval()
     return model, result
 
 
-def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank=0, world=1) -> dict:
+# Micro-batch size when TrainConfig.micro_batch_tokens is 0. CPU: 768, measured (PERFORMANCE.md: +6-12% over
+# 1024, peak RSS unchanged). CUDA: 2048, from arithmetic, not yet measured (benchmarks/gpu_check.sh times
+# 768/2048/4096): a 7B Llama keeps ~5 MB of bf16 activations per token without checkpointing, so 2048 tokens
+# add ~10 GB to the 14 GB base (fits 40-48 GB cards; 24 GB cards need --gradient-checkpointing), and a
+# 2048 x 4096 x 4096 matmul already fills an A100/H100's tensor cores.
+DEFAULT_MICRO_BATCH_TOKENS = {"cpu": 768, "cuda": 2048}
+
+
+def micro_batch_tokens(cfg: TrainConfig, device: torch.device) -> int:
+    """Return the micro-batch size in tokens: the configured one, or the device's default."""
+    return cfg.micro_batch_tokens or DEFAULT_MICRO_BATCH_TOKENS.get(device.type, 768)
+
+
+def _dtype_label(autocast: torch.dtype | None, model) -> str:
+    label = dtype_name(autocast or torch.float32)
+    return label + " (4bit base)" if getattr(_causal_lm(model), "is_loaded_in_4bit", False) else label
+
+
+SOURCES = ("task", "general")
+
+
+def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, rank=0, world=1,
+                scaler=None) -> dict:
     """Run one optimizer step over length-sorted micro-batches; return the step's log record.
 
     With several processes each rank takes every world-th row of the batch; the loss is normalised by
     the whole batch's label count and the LoRA gradients are summed, so the step equals one process's.
+    The per-source loss sums stay on the device until the step ends: one host sync per step, not per row.
     """
     # Labelled positions after the one-token shift: [max(labels_from, 1), len); none when truncation cut
     # the row inside its prompt (labels_from > len), which would otherwise count negative.
     label_total = sum(max(0, len(r.input_ids) - max(r.labels_from, 1)) for r in batch)
-    sums = {"task": [0.0, 0], "general": [0.0, 0]}
+    sums = torch.zeros(len(SOURCES), 2, dtype=torch.float64, device=device)  # per source: loss sum, label count
     tokens = 0
     pack = can_pack(model)
-    for group in (packed_micro_batches if pack else micro_batches)(batch[rank::world], cfg.micro_batch_tokens):
+    limit = micro_batch_tokens(cfg, device)
+    for group in (packed_micro_batches if pack else micro_batches)(batch[rank::world], limit):
         inputs = collate_packed(group, device) if pack else collate(group, pad_id, device)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            losses, row_of = token_losses(model, inputs)
-        (losses.sum() / max(label_total, 1)).backward()
+        with packed_attention(model) if pack else contextlib.nullcontext():  # backward too: checkpointing recomputes
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                losses, row_of = token_losses(model, inputs)
+            loss = losses.sum() / max(label_total, 1)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         tokens += sum(len(r.input_ids) for r in group)
-        detached = losses.detach()
-        for i, row in enumerate(group):
-            mine = detached[row_of == i]
-            sums[row.source][0] += float(mine.sum())
-            sums[row.source][1] += mine.numel()
+        source = torch.tensor([SOURCES.index(r.source) for r in group], device=device)[row_of]
+        detached = losses.detach().double()
+        sums.index_add_(0, source, torch.stack([detached, torch.ones_like(detached)], 1))
     if world > 1:
         for p in params:
             p.grad = _all_reduce(p.grad if p.grad is not None else torch.zeros_like(p), world)
-        totals = _all_reduce(torch.tensor([sums["task"][0], sums["task"][1], sums["general"][0],
-                                           sums["general"][1], tokens], dtype=torch.float64, device=device), world).tolist()
-        sums = {"task": [totals[0], int(totals[1])], "general": [totals[2], int(totals[3])]}
-        tokens = int(totals[4])
+        _all_reduce(sums, world)
+        tokens = int(_all_reduce(torch.tensor([tokens], dtype=torch.float64, device=device), world).item())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when fp16 overflowed, and lowers the scale
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    total_loss = sum(s for s, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
-    return {"loss": total_loss, "tokens": tokens, "label_tokens": label_total,
-            "loss_task": sums["task"][0] / sums["task"][1] if sums["task"][1] else None,
-            "loss_general": sums["general"][0] / sums["general"][1] if sums["general"][1] else None,
-            "task_label_tokens": sums["task"][1], "general_label_tokens": sums["general"][1]}
+    (task_sum, task_n), (general_sum, general_n) = sums.tolist()
+    return {"loss": (task_sum + general_sum) / max(task_n + general_n, 1), "tokens": tokens,
+            "label_tokens": label_total, "loss_task": task_sum / task_n if task_n else None,
+            "loss_general": general_sum / general_n if general_n else None,
+            "task_label_tokens": int(task_n), "general_label_tokens": int(general_n)}
 
 
 def _last(out_dir: Path, key: str) -> float | None:
