@@ -286,3 +286,12 @@ def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
     expected = torch.autograd.grad((ref * weights).sum(), (query, key, value))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_and_padded_batches_label_every_assistant_turn_alike(rows, tiny_tokenizer):
+    assert any(len(r.label_spans) > 1 for r in rows)  # a multi-turn chat row: labels on each of its answers
+    padded = collate(rows, tiny_tokenizer.pad_token_id, torch.device("cpu"))["labels"]
+    packed = collate_packed(rows, torch.device("cpu"))["labels"][0]
+    assert torch.equal(packed, torch.cat([padded[i, :len(r.input_ids)] for i, r in enumerate(rows)]))
+    for i, r in enumerate(rows):
+        assert int((padded[i] != -100).sum()) == sum(min(b, len(r.input_ids)) - max(a, 1) for a, b in r.label_spans)
