@@ -288,7 +288,9 @@ def test_matmul_causal_attention_equals_sdpa_with_grouped_query_heads():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_and_padded_batches_label_every_assistant_turn_alike(rows, tiny_tokenizer):
+def test_packed_and_padded_batches_label_every_assistant_turn_alike(tiny_tokenizer):
+    chat = load_examples(FIXTURES / "chat.jsonl", "task")
+    rows = training_rows(tiny_tokenizer, build_mix(chat, [], MixConfig(mode="sft"), tiny_tokenizer, 512), 512)
     assert any(len(r.label_spans) > 1 for r in rows)  # a multi-turn chat row: labels on each of its answers
     padded = collate(rows, tiny_tokenizer.pad_token_id, torch.device("cpu"))["labels"]
     packed = collate_packed(rows, torch.device("cpu"))["labels"][0]
