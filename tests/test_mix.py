@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from tell.config import MixConfig
 from tell.data import Example, TellInputError, load_examples
 from tell.mix import build_mix, draw_general, encode_examples, write_mix
 
+FIXTURES = Path(__file__).parent / "fixtures"
 NO_LIMIT = 10**6  # max_length for tests that are not about long rows
 
 
@@ -202,3 +204,92 @@ def test_rows_of_a_tokenizer_without_chat_template_start_with_bos_and_train_eos(
     assert prompt.startswith(plain.bos_token) and prompt.endswith("assistant:\n")
     assert ids[:encoded.prompt_tokens] == plain(prompt, add_special_tokens=False)["input_ids"]
     assert plain.decode(ids[encoded.prompt_tokens:]) == "Red." + plain.eos_token
+
+
+# --- a pool read on demand (IndexedPool), general-token budgets, labels on every assistant turn ---------
+
+def general_of(mix):
+    return [r for r in mix.rows if r.example.source == "general"]
+
+
+def test_an_indexed_pool_is_drawn_without_tokenizing_it_whole(tiny_tokenizer, task, alpaca_as_sharegpt, tmp_path):
+    from tell.mix import FILL_WINDOW, PREFETCH_ROWS
+    pool = alpaca_as_sharegpt
+    mix = mix_of(task, pool, tiny_tokenizer, ratio="5")
+    m = mix.manifest
+    assert m["general_tokens"] == pytest.approx(5 * m["task_tokens"], rel=0.01)
+    assert m["general_pool_rows"] == 999 and m["general_pool_tokens"] is None  # never counted whole
+    assert m["general_rows"] < m["general_rows_tokenized"] <= m["general_rows"] + PREFETCH_ROWS + FILL_WINDOW < 999
+    assert m["general_pool"]["elements_read"] == 999 and m["general_pool"]["complete"]
+    assert len({r.example.id for r in general_of(mix)}) == m["general_rows"]  # without replacement
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_mix(mix_of(task, pool, tiny_tokenizer, ratio="5", seed=seed), tmp_path / name)
+    for file in ("mix.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert (tmp_path / "a" / "mix.jsonl").read_bytes() != (tmp_path / "c" / "mix.jsonl").read_bytes()
+
+
+def test_the_indexed_draw_is_the_in_memory_draw_when_its_fill_window_covers_the_pool(
+        tiny_tokenizer, task, pool, alpaca_as_sharegpt, monkeypatch):
+    import tell.mix
+    monkeypatch.setattr(tell.mix, "FILL_WINDOW", 10**6)
+    for ratio in ("0.5", "5"):
+        lazy = mix_of(task, alpaca_as_sharegpt, tiny_tokenizer, ratio=ratio)
+        eager = mix_of(task, pool, tiny_tokenizer, ratio=ratio)
+        assert [r.example.messages for r in lazy.rows] == [r.example.messages for r in eager.rows]
+        assert [r.tokens for r in lazy.rows] == [r.tokens for r in eager.rows]
+
+
+@pytest.mark.parametrize("which", ["list", "indexed"])
+def test_larger_budgets_draw_on_from_smaller_ones(tiny_tokenizer, task, pool, alpaca_as_sharegpt, which):
+    general = pool if which == "list" else alpaca_as_sharegpt
+    small, large = (mix_of(task, general, tiny_tokenizer, general_tokens=n) for n in (3000, 9000))
+    small_ids = [r.example.id for r in general_of(small)]
+    large_ids = {r.example.id for r in general_of(large)}
+    assert len(set(small_ids) - large_ids) <= 1  # nested up to the one row that closed the smaller gap
+
+
+@pytest.mark.parametrize("which", ["list", "indexed"])
+def test_general_token_budget_is_met_whatever_the_task_size(tiny_tokenizer, task, pool, alpaca_as_sharegpt, which):
+    general = pool if which == "list" else alpaca_as_sharegpt
+    for rows in (task[:2], task):
+        m = mix_of(rows, general, tiny_tokenizer, general_tokens=5000, ratio="1").manifest
+        assert m["general_tokens"] == pytest.approx(5000, rel=0.01) and m["general_tokens_requested"] == 5000
+        assert m["ratio_requested"] == round(5000 / m["task_tokens"], 6)
+        assert "off the requested 5000 general tokens" in m["ratio_note"]
+    assert mix_of(task, general, tiny_tokenizer, general_tokens=5000, mode="sft").manifest["general_tokens"] == 0
+
+
+def test_long_rows_of_an_indexed_pool_follow_on_long(tiny_tokenizer, task, tmp_path):
+    from conftest import sharegpt_pool_of, write_sharegpt
+    conversations = [[("human", f"Question {i}?"), ("gpt", f"Answer {i}." + (" more" * 300 if i % 4 == 0 else ""))]
+                     for i in range(160)]
+    pool = sharegpt_pool_of(write_sharegpt(tmp_path / "long.json", conversations))
+    with pytest.raises(TellInputError, match=r"long\.json:\d+: row has \d+ tokens, more than max_length 200"):
+        mix_of(task[:1], pool, tiny_tokenizer, max_length=200, general_tokens=1500)
+    skip = mix_of(task[:1], pool, tiny_tokenizer, max_length=200, general_tokens=1500, on_long="skip").manifest
+    assert skip["skipped_long"]["general"] > 0 and skip["general_tokens"] == pytest.approx(1500, rel=0.05)
+    cut = mix_of(task[:1], pool, tiny_tokenizer, max_length=200, general_tokens=1500, on_long="truncate")
+    long_rows = [r for r in general_of(cut) if r.truncated]
+    assert long_rows and all(r.tokens == 200 for r in long_rows)
+    assert cut.manifest["truncated_long"]["general"] == len(long_rows)
+
+
+def test_every_assistant_turn_and_nothing_else_is_labelled(tiny_tokenizer):
+    chat = load_examples(FIXTURES / "chat.jsonl", "task")
+    conversation = Example("g:1", (
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pick a number."},
+        {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another one, and say why."},
+        {"role": "assistant", "content": "3, because it is prime."}, {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."}), "general")
+    for example, enc in zip(chat + [conversation], encode_examples(tiny_tokenizer, chat + [conversation])):
+        labelled = [tiny_tokenizer.decode(enc.input_ids[a:b]) for a, b in enc.label_spans]
+        assert labelled == [m["content"] + "<|im_end|>\n" for m in example.messages if m["role"] == "assistant"]
+        gaps = list(zip([0] + [b for _, b in enc.label_spans], [a for a, _ in enc.label_spans]))
+        unlabelled = [tiny_tokenizer.decode(enc.input_ids[a:b]) for a, b in gaps]
+        assert enc.label_spans[-1][1] == len(enc.input_ids)
+        assert "".join(u + l for u, l in zip(unlabelled, labelled)) == tiny_tokenizer.decode(enc.input_ids)
+        for m in example.messages:
+            if m["role"] != "assistant":  # every system and user turn lies outside the labels
+                assert any(m["content"] in u for u in unlabelled)
+    assert len(encode_examples(tiny_tokenizer, [conversation])[0].label_spans) == 3

@@ -321,3 +321,14 @@ def test_padded_attention_of_the_cuda_path_equals_the_cpu_per_row_path(tiny_mode
     for name, grad in padded_grads.items():
         torch.testing.assert_close(grad, per_row_grads[name], rtol=1e-4,
                                    atol=1e-5 * per_row_grads[name].abs().max().item(), msg=name)
+
+
+def test_packed_and_padded_batches_label_every_assistant_turn_alike(tiny_tokenizer):
+    chat = load_examples(FIXTURES / "chat.jsonl", "task")
+    rows = training_rows(tiny_tokenizer, build_mix(chat, [], MixConfig(mode="sft"), tiny_tokenizer, 512), 512)
+    assert any(len(r.label_spans) > 1 for r in rows)  # a multi-turn chat row: labels on each of its answers
+    padded = collate(rows, tiny_tokenizer.pad_token_id, torch.device("cpu"))["labels"]
+    packed = collate_packed(rows, torch.device("cpu"))["labels"][0]
+    assert torch.equal(packed, torch.cat([padded[i, :len(r.input_ids)] for i, r in enumerate(rows)]))
+    for i, r in enumerate(rows):
+        assert int((padded[i] != -100).sum()) == sum(min(b, len(r.input_ids)) - max(a, 1) for a, b in r.label_spans)

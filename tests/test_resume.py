@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,3 +90,86 @@ def test_same_config_gives_the_same_loss_sequence(tiny_model_dir, tmp_path):
     assert cli.main(args) == 0
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert (tmp_path / "a" / "mix.jsonl").read_bytes() == (tmp_path / "b" / "mix.jsonl").read_bytes()
+
+
+# --- a sweep cell killed mid-training -------------------------------------------------------------------
+
+def _sweep_yaml(tmp_path, model_dir) -> Path:
+    import yaml
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"w{i}"}) + "\n" for i in range(2)))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": str(model_dir), "dtype": "fp32"},
+        "data": {"task": str(FIXTURES / "alpaca.jsonl"), "general": str(FIXTURES / "general.jsonl")},
+        "eval": {"task": "mine", "test": str(test), "metric": "exact", "limit": 0, "general_rows": 0},
+        "train": {"batch_size": 1, "lr": 1e-3, "save_every": 2}, "generate": {"max_new_tokens": 2, "greedy": True},
+        "grid": {"method": ["tell"], "task_rows": [3], "ratio": ["max"]}}))
+    return path
+
+
+def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    from tell import sweep
+    from tell.sweep_report import status_text
+    config = _sweep_yaml(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-unbroken"))
+    assert cli.main(["sweep", "--config", str(config), "--out", str(tmp_path / "unbroken")]) == 0
+    unbroken = next((tmp_path / "cache-unbroken" / "runs").iterdir())
+
+    # The same sweep in a process of its own, SIGKILLed once its cell's training has written a checkpoint.
+    cache = tmp_path / "cache-broken"
+    proc = subprocess.Popen([sys.executable, "-m", "tell.cli", "sweep", "--config", str(config), "--out",
+                             str(tmp_path / "broken")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TELL_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(cache.glob("runs/*.partial/checkpoint/state.pt")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = next(cache.glob("runs/*.partial"), None)
+    assert partial is not None and partial.name == unbroken.name + ".partial", "killed before a checkpoint"
+    total_steps = len(_losses(unbroken))
+
+    status = sweep.sweep_status(tmp_path / "broken")
+    (interrupted,) = status["interrupted_cells"]
+    assert 2 <= interrupted["training"]["steps_done"] < total_steps == interrupted["training"]["steps_planned"]
+    assert f"training step {interrupted['training']['steps_done']}/{total_steps}" in status_text(status)
+
+    monkeypatch.setenv("TELL_CACHE", str(cache))
+    capsys.readouterr()
+    assert cli.main(["sweep", "--config", str(config), "--out", str(tmp_path / "broken")]) == 0
+    assert "resuming the interrupted training" in capsys.readouterr().err
+    resumed = cache / "runs" / unbroken.name
+    assert _losses(resumed) == _losses(unbroken)  # bit-identical on CPU
+    a = load_file(unbroken / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert sweep.sweep_status(tmp_path / "broken")["done"] == 1
+
+
+def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):
+    from tell.config import load_config
+    from tell.experiment import partial_differs, prepare_mix, resume_or_train
+    cfg = load_config(overrides={"data.task": str(FIXTURES / "alpaca.jsonl"), "model.name": str(tiny_model_dir),
+                                 "data.general": str(FIXTURES / "general.jsonl"), "mix.ratio": "2",
+                                 "train.batch_size": 4, "out": str(tmp_path / "run")})
+    import yaml
+    from tell.config import config_from_dict
+    done = tmp_path / "done"
+    assert cli.main(_args(tiny_model_dir, done)) == 0
+    same = config_from_dict(yaml.safe_load((done / "config.yaml").read_text()))
+    assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    same.train.save_every = 7  # changes no step
+    assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    same.train.lr, same.mix.seed = 5e-4, 3
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (mix.seed, train.lr)"
+    # a partial with a checkpoint of another config: started over, and said so
+    partial = tmp_path / "run.partial"
+    shutil.copytree(done, partial)
+    (partial / "checkpoint").mkdir()
+    (partial / "checkpoint" / "state.pt").write_bytes(b"not read")
+    capsys.readouterr()
+    result = resume_or_train(cfg)
+    assert "holds an interrupted run with another config" in capsys.readouterr().err
+    assert result.optimizer_steps == len(_losses(tmp_path / "run")) and not partial.exists()

@@ -14,7 +14,7 @@ from tell.config import MixConfig, ModelConfig, TrainConfig
 from tell.data import Example, load_examples
 from tell.mix import build_mix
 from tell.model import load_model, quiet_peft
-from tell.packing import Row, collate, micro_batches, token_losses
+from tell.packing import Row, collate, labelled_spans, micro_batches, token_losses
 from tell.train import add_lora, epoch_batches, plan_schedule, read_log, train_lora, training_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,7 +90,7 @@ def test_saved_adapter_reloads_to_identical_logits(trained, tiny_model_dir, tiny
 
 
 def rows_of_lengths(lengths: list[int]) -> list[Row]:
-    return [Row(tuple(range(n)), 1, "task" if i % 3 == 0 else "general") for i, n in enumerate(lengths)]
+    return [Row(tuple(range(n)), ((1, n),), "task" if i % 3 == 0 else "general") for i, n in enumerate(lengths)]
 
 
 def test_epoch_batches_cover_every_row_once_per_epoch():
@@ -145,7 +145,7 @@ def test_step_log_splits_loss_by_source_and_trains_each_task_row_once(tiny_model
     # max_length 64 truncates the long row inside its prompt: it counts as a row but has no labels.
     mix = build_mix(task + [long_prompt], general, MixConfig(ratio="max", on_long="truncate"), tokenizer, 64)
     rows = training_rows(tokenizer, mix, 64)
-    task_labels = sum(max(0, len(r.input_ids) - r.labels_from) for r in rows if r.source == "task")
+    task_labels = sum(b - a for r in rows if r.source == "task" for a, b in labelled_spans(r))
     _, result = train_lora(model, tokenizer, mix, TrainConfig(batch_size=8, warmup_ratio=0.0), tmp_path)
     log = read_log(tmp_path / "train_log.jsonl")
     assert len(log) == result.optimizer_steps == -(-len(mix.rows) // 8)

@@ -15,13 +15,14 @@ from tell.data import TellInputError
 # short flag -> (dotted config keys it sets, argparse options)
 SHORT_FLAGS = {
     "--task": (("data.task",), {"help": "task rows: .json/.jsonl (Alpaca, prompt/response or chat shape)"}),
-    "--general": (("data.general",), {"help": "general rows: 'alpaca' (built in), 'alpaca+dpo' or a file"}),
+    "--general": (("data.general",), {"help": "general rows: built-in 'alpaca', 'alpaca+dpo', 'sharegpt', or a file"}),
     "--prompt-field": (("data.prompt_field",), {"help": "name of the prompt field in pair rows"}),
     "--response-field": (("data.response_field",), {"help": "name of the answer field in pair rows"}),
     "--anchor": (("anchor.text",), {"help": "anchor prompt put before every task row"}),
     "--anchor-file": (("anchor.file",), {"help": "read the anchor prompt from a file"}),
     "--anchor-placement": (("anchor.placement",), {"help": "user-prefix (default) or system"}),
     "--ratio": (("mix.ratio",), {"help": "general:task token ratio, a number or 'max' (default 10)"}),
+    "--general-tokens": (("mix.general_tokens",), {"help": "general-token budget instead of --ratio (e.g. 1e6)"}),
     "--mode": (("mix.mode",), {"help": "tell (default), sft (task only), general (general only)"}),
     "--order": (("mix.order",), {"help": "random (default), spread, task-first, task-last"}),
     "--seed": (("mix.seed", "train.seed", "generate.seed"), {"type": int, "help": "seed of every stage (42)"}),
@@ -87,7 +88,7 @@ VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", 
                          "--quantize", "--gradient-checkpointing", "--micro-batch-tokens"]
 
 for _verb in ("mix", "train", "compare"):
-    VERB_FLAGS[_verb].append("--anchor-mode")
+    VERB_FLAGS[_verb] += ["--anchor-mode", "--general-tokens"]
 VERB_FLAGS["probe"] = ["--task", "--test", "--metric", "--anchor", "--anchor-file", "--anchor-placement",
                        "--anchor-mode", "--general", "--model", "--dtype", "--device", "--layer", "--rows", "--out"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tell.config import RunConfig, config_dict, dump_config
 from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
-from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct, run_train,
-                             staged_output, task_from_config, test_rows_from_config)
+from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct,
+                             resume_or_train, run_train, staged_output, task_from_config, test_rows_from_config)
 from tell.generate import usable_backend
 from tell.hardware import machine
 from tell.model import cache_dir, pick_device, shared_base
@@ -77,8 +77,9 @@ def _anchor_key(anchor) -> dict:
     return values
 
 
-def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool) -> tuple[Path, dict]:
-    """Return (run directory, train summary) of an arm, training it unless cached."""
+def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool, progress: Path | None = None) -> tuple[Path, dict]:
+    """Return (run directory, train summary) of an arm, training it unless cached. An interrupted training of
+    the same arm continues from its last checkpoint; `progress` (a file) is told where the run is written."""
     key = _key("train", config_dict(arm_cfg.model), config_dict(arm_cfg.mix), config_dict(arm_cfg.train),
                _anchor_key(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
                [e.messages for e in task_examples])
@@ -86,7 +87,13 @@ def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool) -> tuple[Path, di
     if not (cache and (run_dir / "train_summary.json").is_file()):
         train_cfg = copy.deepcopy(arm_cfg)
         train_cfg.out = str(run_dir)
-        run_train(train_cfg, overwrite=True, task_examples=task_examples)
+        if progress:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.write_text(json.dumps({"run_dir": str(run_dir)}) + "\n")
+        if cache:  # an interrupted run of this arm (same key) is a partial cache entry
+            resume_or_train(train_cfg, task_examples)
+        else:
+            run_train(train_cfg, overwrite=True, task_examples=task_examples)
     return run_dir, json.loads((run_dir / "train_summary.json").read_text())
 
 
@@ -159,7 +166,8 @@ def _run_arm(cfg, arm, inputs: ArmInputs, out_dir: Path) -> tuple[dict, dict]:
     return metrics, timing
 
 
-def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict, Path | None, Path]:
+def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs,
+               progress: Path | None = None) -> tuple[dict, dict, Path | None, Path]:
     """Return (metrics + training facts + held-out general loss, wall s per stage, run dir, eval dir) of an
     arm, training and evaluating it unless cached.
 
@@ -171,7 +179,7 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
     if arm in TRAINED_ARMS:
         t0 = time.perf_counter()
         arm_cfg = arm_config(cfg, arm, inputs.tell_steps, len(inputs.task_examples))
-        run_dir, train_summary = _train_arm(arm_cfg, inputs.task_examples, cfg.compare.cache)
+        run_dir, train_summary = _train_arm(arm_cfg, inputs.task_examples, cfg.compare.cache, progress)
         timing["train_s"] = round(time.perf_counter() - t0, 1)
     model_dir = None if run_dir is None or adapter_is_zero(run_dir) else run_dir
     t0 = time.perf_counter()
@@ -184,7 +192,7 @@ def arm_result(cfg: RunConfig, arm: str, inputs: ArmInputs) -> tuple[dict, dict,
                    trained_tokens=train_summary.get("trained_tokens", 0),
                    train_flops=train_summary.get("train_flops", 0.0),
                    task_tokens=manifest.get("task_tokens", 0), general_tokens=manifest.get("general_tokens", 0),
-                   train_compute_path=train_summary.get("compute_path"))
+                   general_rows=manifest.get("general_rows", 0), train_compute_path=train_summary.get("compute_path"))
     if run_dir is not None and model_dir is None:
         metrics["same_as_base"] = ("the adapter is exactly zero (every LoRA B matrix is 0 after training), so this "
                                    "arm is the base model: its generations and losses are the base model's")
@@ -309,10 +317,11 @@ def task_examples_for(cfg: RunConfig, task) -> list:
     return task.train_examples(high, cfg.mix.seed)
 
 
-def run_cell(cfg: RunConfig) -> dict:
+def run_cell(cfg: RunConfig, progress: Path | None = None) -> dict:
     """Return one sweep cell's result: the single arm in cfg.compare.arms trained and evaluated (cached).
 
     Holds the metrics, wall seconds per stage, the anchor the arm used and where its run/eval files live.
+    `progress` (a file) is told where the arm's training run is written, for `tell sweep --status`.
     """
     task = task_from_config(cfg)
     default_anchor(cfg, task)
@@ -320,7 +329,7 @@ def run_cell(cfg: RunConfig) -> dict:
     arm = cfg.compare.arms.strip()
     needs_rows = arm in TRAINED_ARMS or (arm == "base-anchor" and cfg.anchor.mode == "self-instruct")
     inputs = arm_inputs(cfg, task, tell_steps=arm == "sft-matched", task_rows=needs_rows)
-    metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs)
+    metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs, progress)
     anchor = arm_anchor(arm, run_dir, inputs)
     return {"metrics": metrics, "timing": timing, "anchor": anchor, "task_rows": len(inputs.task_examples),
             "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir)}

@@ -74,6 +74,9 @@ class AnchorConfig:
 class MixConfig:
     ratio: str = "10"
     """General:task token ratio (number, or 'max' for the whole general pool). Paper: 10-1000."""
+    general_tokens: int = 0
+    """General-token budget: draw general rows until this many tokens, whatever the task size (0 = use
+    ratio). For curves over general tokens at a fixed task size (paper Fig. 11/12: 1e4-1e7)."""
     mode: str = "tell"
     """tell (task + general), sft (task rows only), general (general rows only)."""
     order: str = "random"
@@ -273,6 +276,8 @@ def coerce(value: object, typ: type, key: str, where: str = "") -> object:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if typ is int and isinstance(value, str) and "e" in value.lower():
+            value = float(value)  # '1e6' on the command line or in YAML (PyYAML reads 1e6 as text)
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if typ in (int, float) and isinstance(value, bool):
@@ -364,8 +369,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"compare.arms has unknown arm(s) {sorted(unknown_arms)}; choose from {list(ARMS)}")
     if cfg.eval.limit < 0 or cfg.compare.task_rows < 1:
         problems.append("eval.limit must be >= 0 and compare.task_rows >= 1")
-    if cfg.compare.task_tokens < 0 or cfg.eval.general_rows < 0 or cfg.sweep.max_cells < 0:
-        problems.append("compare.task_tokens, eval.general_rows and sweep.max_cells must be >= 0")
+    if min(cfg.compare.task_tokens, cfg.eval.general_rows, cfg.sweep.max_cells, cfg.mix.general_tokens) < 0:
+        problems.append("compare.task_tokens, eval.general_rows, sweep.max_cells and mix.general_tokens must be >= 0")
     for key in ("anchor.self_instruct_rows", "anchor.self_instruct_max_new_tokens", "anchor.self_instruct_tries",
                 "probe.rows", "sweep.resamples"):
         owner, f = fields[key]

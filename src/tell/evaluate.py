@@ -159,7 +159,9 @@ def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: in
         return {}
     device = next(model.parameters()).device
     limit = context_length(model)
-    rows = [Row(e.input_ids[:limit], e.prompt_tokens, "general") for e in encode_examples(tokenizer, examples)]
+    # The last answer only, as before training labelled every turn: held-out losses stay comparable.
+    rows = [Row(e.input_ids[:limit], ((e.prompt_tokens, len(e.input_ids)),), "general")
+            for e in encode_examples(tokenizer, examples)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pack = can_pack(model)
     total, count = 0.0, 0

@@ -6,6 +6,7 @@ job validates all user input (files, rows, ratio, model path) before a model is 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -122,8 +123,10 @@ def heldout_general(cfg: RunConfig) -> list[Example]:
         rows = load_examples(DATASETS_DIR / "dpo_en_demo.json", "general")
     else:
         rows = load_examples(cfg.eval.general_heldout, "general", field_map(cfg))
-    pool = {json.dumps(e.messages, sort_keys=True) for e in load_examples(cfg.data.general, "general", field_map(cfg))}
-    kept = [e for e in rows if json.dumps(e.messages, sort_keys=True) not in pool]
+    def digest(e: Example) -> bytes:  # digests, not texts: the ShareGPT pool's texts take ~125 MB
+        return hashlib.sha256(json.dumps(e.messages, sort_keys=True).encode()).digest()
+    pool = {digest(e) for e in load_examples(cfg.data.general, "general", field_map(cfg))}
+    kept = [e for e in rows if digest(e) not in pool]
     return seeded_sample(kept, cfg.eval.general_rows, cfg.eval.test_seed)
 
 
@@ -218,8 +221,10 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
     return Path(cfg.out)
 
 
-def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None):
-    """Mix, load the model, train LoRA and write a complete run directory; return the TrainResult."""
+def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, general_examples=None,
+              prepared: PreparedMix | None = None):
+    """Mix (unless `prepared`), load the model, train LoRA and write a complete run directory; return the
+    TrainResult."""
     from tell.model import check_quantize
     from tell.trackers import check_tracker
     from tell.train import dist_context, train_lora
@@ -229,7 +234,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
         announce(cfg)
         check_tracker(cfg.train.report_to)
         check_output(cfg.out, overwrite)
-    prepared = prepare_mix(cfg, task_examples, general_examples)
+    prepared = prepared or prepare_mix(cfg, task_examples, general_examples)
     if rank != 0:  # other ranks train their share of each batch; rank 0 alone writes the run
         import tempfile
         model, _ = load_model(cfg.model)
@@ -275,6 +280,50 @@ def resume_train(out: str | Path):
         shutil.rmtree(out)
     partial.rename(out)
     return result
+
+
+# Settings that shape the trained adapter; an interrupted run resumes only when its own equal the new run's.
+RESUME_SECTIONS = ("model", "data", "anchor", "mix", "train")
+RESUME_IGNORED = ("train.save_every", "train.report_to")
+
+
+def resume_or_train(cfg: RunConfig, task_examples=None):
+    """Train cfg into cfg.out, continuing from the checkpoint in `<out>.partial` when that interrupted run
+    had the same settings and the same mix (e.g. a sweep cell killed mid-training), else from scratch,
+    saying why; return the TrainResult."""
+    from tell.checkpoint import has_checkpoint
+    out = Path(cfg.out)
+    partial = out.with_name(out.name + ".partial")
+    prepared = prepare_mix(cfg, task_examples)
+    if has_checkpoint(partial):
+        differs = partial_differs(cfg, prepared.mix, partial)
+        if not differs:
+            print(f"[tell] resuming the interrupted training in {partial} from its last checkpoint", file=sys.stderr)
+            return resume_train(out)
+        print(f"[tell] {partial} holds an interrupted run with another {differs}: training from scratch",
+              file=sys.stderr)
+    return run_train(cfg, overwrite=True, task_examples=task_examples, prepared=prepared)
+
+
+def partial_differs(cfg: RunConfig, mix: Mix, partial: Path) -> str:
+    """Return what differs between cfg + mix and the interrupted run in `partial` ('' when nothing does)."""
+    import yaml
+    from tell.config import config_dict
+    from tell.mix import mix_lines
+    try:
+        saved = yaml.safe_load((partial / "config.yaml").read_text(encoding="utf-8")) or {}
+        saved_mix = (partial / "mix.jsonl").read_text(encoding="utf-8")
+        saved_manifest = (partial / "manifest.json").read_text(encoding="utf-8")
+    except (OSError, ValueError, yaml.YAMLError):
+        return "state (its config or mix is unreadable)"
+    now = config_dict(cfg)
+    keys = [f"{section}.{name}" for section in RESUME_SECTIONS for name in now[section]
+            if f"{section}.{name}" not in RESUME_IGNORED and saved.get(section, {}).get(name) != now[section][name]]
+    if keys:
+        return "config (" + ", ".join(keys) + ")"
+    if saved_mix != "".join(mix_lines(mix)) or saved_manifest != json.dumps(mix.manifest, indent=1) + "\n":
+        return "mix (mix.jsonl or manifest.json)"
+    return ""
 
 
 def _plain(cfg: RunConfig) -> dict:

@@ -16,13 +16,9 @@ from pathlib import Path
 import torch
 
 from tell.config import ModelConfig
-from tell.data import TellInputError
+from tell.data import TellInputError, cache_dir  # noqa: F401 - cache_dir is used here and re-exported
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TELL_CACHE", Path.home() / ".cache" / "tell"))
 
 
 def embedded_gguf() -> Path:

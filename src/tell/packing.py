@@ -22,8 +22,16 @@ IGNORE = -100
 @dataclass(frozen=True)
 class Row:
     input_ids: tuple[int, ...]
-    labels_from: int
+    label_spans: tuple[tuple[int, int], ...]
+    """[start, end) token ranges that are trained: every assistant turn (mix.encode_examples)."""
     source: str
+
+
+def labelled_spans(row: Row) -> list[tuple[int, int]]:
+    """Return the row's label spans cut to its length (truncation may cut them) and never at position 0,
+    which nothing predicts, so shifted targets never cross from one packed row into the previous one."""
+    n = len(row.input_ids)
+    return [(max(a, 1), min(b, n)) for a, b in row.label_spans if min(b, n) > max(a, 1)]
 
 
 def micro_batches(batch: list[Row], max_tokens: int) -> list[list[Row]]:
@@ -64,12 +72,12 @@ def collate_packed(rows: list[Row], device) -> dict:
     labels = torch.full_like(ids, IGNORE)
     predicting, label_rows = [], []
     for i, (start, r) in enumerate(zip(edges, rows)):
-        # As collate: labels from labels_from, never on a row's first token (nothing predicts it), so the
-        # shifted targets never cross from one row into the next.
-        first, end = start + max(r.labels_from, 1), start + len(r.input_ids)
-        labels[first:end] = ids[first:end]
-        predicting.extend(range(first - 1, end - 1))  # position t predicts token t + 1
-        label_rows.extend([i] * max(0, end - first))
+        # Every assistant turn's span, never a row's first token (nothing predicts it), so the shifted
+        # targets never cross from one row into the next.
+        for a, b in labelled_spans(r):
+            labels[start + a:start + b] = ids[start + a:start + b]
+            predicting.extend(range(start + a - 1, start + b - 1))  # position t predicts token t + 1
+            label_rows.extend([i] * (b - a))
     predicting = torch.tensor(predicting, dtype=torch.long)
     return {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
             "position_ids": positions[None].to(device),
@@ -219,7 +227,7 @@ def can_pack(model) -> bool:
 
 
 def collate(rows: list[Row], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Return right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    """Return right-padded input_ids, attention_mask and labels (-100 outside the label spans)."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -228,7 +236,8 @@ def collate(rows: list[Row], pad_id: int, device) -> dict[str, torch.Tensor]:
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
         mask[i, :n] = 1
-        labels[i, r.labels_from:n] = ids[i, r.labels_from:n]
+        for a, b in labelled_spans(r):
+            labels[i, a:b] = ids[i, a:b]
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 

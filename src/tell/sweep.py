@@ -30,18 +30,22 @@ from tell.data import TellInputError
 # Short axis names → the config keys each sets; any dotted config key is an axis too.
 AXES = {
     "method": ("compare.arms",), "task_rows": ("compare.task_rows",), "task_tokens": ("compare.task_tokens",),
-    "ratio": ("mix.ratio",), "anchor": ("anchor.mode",), "placement": ("anchor.placement",),
+    "ratio": ("mix.ratio",), "general_tokens": ("mix.general_tokens",), "anchor": ("anchor.mode",),
+    "placement": ("anchor.placement",),
     "order": ("mix.order",), "lr": ("train.lr",), "seed": ("mix.seed", "train.seed", "generate.seed"),
 }
 # Settings that never change a cell's result, so they stay out of its key.
 NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
 DB_NAME = "sweep.sqlite"
+PROGRESS = "training.json"  # in cells/<key>/ while a cell trains: where its run is written (for --status)
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
 # Used for the time estimate until a cell has finished: measured on the 2-core CPU (MEASUREMENTS.md;
 # training: PERFORMANCE.md, 700-715 tok/s on the benchmark mix).
-DEFAULT_RATES = {"train_tok_s": 650.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0,
-                 "general_row_tokens": 170.0, "overhead_s": 15.0}
+DEFAULT_RATES = {"train_tok_s": 650.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0, "overhead_s": 15.0}
+# Mean SmolLM2 tokens per general row, rendered (until a finished cell measures it): Alpaca demo rows; ShareGPT
+# conversations cut at 2048 tokens as configs/scale.yaml does (1,483 uncut: 17,390 rows, 2.58e7 tokens).
+GENERAL_ROW_TOKENS = {"alpaca": 170.0, "sharegpt": 1358.0}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
   key TEXT PRIMARY KEY, label TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
@@ -102,6 +106,9 @@ def normalise(cfg: RunConfig) -> RunConfig:
         cfg.compare.task_rows, cfg.compare.task_tokens = defaults.compare.task_rows, defaults.compare.task_tokens
     if arm == "sft":  # no general rows (sft-matched keeps them and the anchor: TELL's step count depends on them)
         cfg.mix.ratio, cfg.mix.order, cfg.mix.allow_repeat = defaults.mix.ratio, defaults.mix.order, False
+        cfg.mix.general_tokens = 0
+    if cfg.mix.general_tokens:  # an absolute general-token budget: the ratio plays no part
+        cfg.mix.ratio = defaults.mix.ratio
     if arm in ("base", "sft"):  # no anchor reaches these arms
         cfg.anchor = defaults.anchor
     elif anchor.mode == "none":
@@ -134,10 +141,18 @@ def cell_label(cfg: RunConfig) -> str:
     if cfg.compare.arms not in ("base", "base-anchor"):
         parts += [size, f"lr {cfg.train.lr:g}", f"seed {cfg.train.seed}"]
     if cfg.compare.arms in ("tell", "general", "sft-matched"):
-        parts += [f"ratio {cfg.mix.ratio}", f"order {cfg.mix.order}"]
+        parts += [general_budget(cfg), f"order {cfg.mix.order}"]
     if cfg.compare.arms not in ("base", "sft"):
         parts.append(f"anchor {cfg.anchor.mode}/{cfg.anchor.placement}")
     return ", ".join(parts)
+
+
+def general_budget(cfg: RunConfig) -> str:
+    """Return the general rows' budget as set: 'ratio 10' or 'general 3e5 tok' (mix.general_tokens)."""
+    if not cfg.mix.general_tokens:
+        return f"ratio {cfg.mix.ratio}"
+    exponent = len(str(cfg.mix.general_tokens)) - 1
+    return f"general {cfg.mix.general_tokens / 10 ** exponent:g}e{exponent} tok"
 
 
 def expand_grid(base: RunConfig, grids: list[dict[str, list]]) -> list[Cell]:
@@ -281,7 +296,7 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
             print(f"[tell] sweep cell {row['key']}: {row['label']}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             try:
-                result = run_cell(config_from_dict(json.loads(row["config"])))
+                result = run_cell(config_from_dict(json.loads(row["config"])), out / "cells" / row["key"] / PROGRESS)
             except KeyboardInterrupt:
                 fail(conn, row["key"], "interrupted", status="pending")
                 raise
@@ -299,6 +314,7 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
 def _stored_result(result: dict, cell_dir: Path) -> dict:
     """Return the cell result as stored (with per-row scores) after copying its small files to cell_dir."""
     cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / PROGRESS).unlink(missing_ok=True)
     for folder in (result["run_dir"], result["eval_dir"]):
         for name in CELL_FILES:
             if folder and (Path(folder) / name).is_file():
@@ -311,7 +327,8 @@ def _stored_result(result: dict, cell_dir: Path) -> dict:
 # --- status ----------------------------------------------------------------------------------------
 
 def sweep_status(out: str | Path) -> dict:
-    """Return done / running / left counts of the sweep in `out` and the estimated seconds left."""
+    """Return done / running / left counts of the sweep in `out`, the training progress of started cells and
+    the estimated seconds left."""
     path = db_path(out)
     if not path.is_file():
         raise TellInputError("no sweep database here (run `tell sweep --config FILE` first)", path)
@@ -322,20 +339,49 @@ def sweep_status(out: str | Path) -> dict:
     rates = measured_rates([r for r in rows if r["status"] == "done"])
     left = [r for r in rows if r["status"] in ("pending", "failed")]
     running = [r for r in rows if r["status"] == "running"]
-    estimate = sum(estimate_cell_s(config_from_dict(json.loads(r["config"])), rates) for r in left + running)
+    progress = {r["key"]: training_progress(Path(out), r["key"]) for r in left + running}
+    estimate = sum(estimate_cell_s(config_from_dict(json.loads(r["config"])), rates, progress[r["key"]])
+                   for r in left + running)
     return {"cells": len(rows), "done": sum(r["status"] == "done" for r in rows), "running": len(running),
             "left": len(left), "failed": sum(r["status"] == "failed" for r in rows),
             "estimate_left_s": round(estimate), "rates": rates,
             "running_cells": [{"key": r["key"], "label": r["label"], "pid": r["pid"], "host": r["host"],
-                               "elapsed_s": round(time.time() - (r["started"] or time.time()))} for r in running],
+                               "elapsed_s": round(time.time() - (r["started"] or time.time())),
+                               "training": progress[r["key"]]} for r in running],
+            "interrupted_cells": [{"key": r["key"], "label": r["label"], "training": progress[r["key"]]}
+                                  for r in left if progress[r["key"]]],
             "failed_cells": [{"key": r["key"], "label": r["label"], "error": (r["error"] or "").splitlines()[0]}
                              for r in rows if r["status"] == "failed"]}
 
 
+def training_progress(out: Path, key: str) -> dict | None:
+    """Return {'steps_done', 'steps_planned'} of a cell whose training started and did not finish (running, or
+    killed: it resumes from its last checkpoint), read from its run's `.partial` directory; else None."""
+    import yaml
+    try:
+        run_dir = Path(json.loads((out / "cells" / key / PROGRESS).read_text())["run_dir"])
+        partial = run_dir.with_name(run_dir.name + ".partial")
+        train = yaml.safe_load((partial / "config.yaml").read_text(encoding="utf-8"))["train"]
+        manifest = json.loads((partial / "manifest.json").read_text(encoding="utf-8"))
+        log = (partial / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    done = 0
+    for line in reversed(log):
+        try:
+            done = json.loads(line)["step"]  # the last whole record (a kill may cut the last line)
+            break
+        except (ValueError, KeyError):
+            continue
+    planned = -(-(manifest["task_rows"] + manifest["general_rows"]) // train["batch_size"]) * train["epochs"]
+    return {"steps_done": done, "steps_planned": min(planned, train["max_steps"] or planned)}
+
+
 def measured_rates(done_rows: list) -> dict:
-    """Return training tok/s, eval s per test row (at 192 new tokens) and tokens per task row, measured on
-    finished cells where they ran (cached stages take ~0 s and are left out); defaults otherwise."""
-    rates, train, evals, sizes = dict(DEFAULT_RATES), [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    """Return training tok/s, eval s per test row (at 192 new tokens) and tokens per task and per general
+    row, measured on finished cells where they ran (cached stages take ~0 s and are left out); defaults
+    otherwise (per general pool: GENERAL_ROW_TOKENS)."""
+    rates, train, evals, sizes, general = dict(DEFAULT_RATES), [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
     for row in done_rows:
         result = json.loads(row["result"])
         metrics, timing, cfg = result["metrics"], result["timing"], json.loads(row["config"])
@@ -349,22 +395,30 @@ def measured_rates(done_rows: list) -> dict:
         if metrics.get("task_tokens") and cfg["compare"]["arms"] != "general":
             sizes[0] += metrics["task_tokens"]
             sizes[1] += result.get("task_rows", 0)
+        if metrics.get("general_rows"):
+            general[0] += metrics["general_tokens"]
+            general[1] += metrics["general_rows"]
     for key, (num, den) in (("train_tok_s", train), ("eval_s_per_row", (evals[1], evals[0])),
-                            ("task_row_tokens", sizes)):
+                            ("task_row_tokens", sizes), ("general_row_tokens", general)):
         if num > 0 and den > 0:
             rates[key] = round(num / den, 3)
     return rates
 
 
-def estimate_cell_s(cfg: RunConfig, rates: dict) -> float:
-    """Return the predicted wall seconds of one cell: training tokens / tok/s + test rows × s per row."""
+def estimate_cell_s(cfg: RunConfig, rates: dict, progress: dict | None = None) -> float:
+    """Return the predicted wall seconds of one cell: training tokens / tok/s + test rows × s per row; of a
+    cell whose training is under way (progress), the part of its training left."""
     arm = cfg.compare.arms
     task_tokens = cfg.compare.task_tokens or cfg.compare.task_rows * rates["task_row_tokens"]
     ratio = 10.0 if str(cfg.mix.ratio) == "max" else float(cfg.mix.ratio)
-    tell_rows = task_tokens / rates["task_row_tokens"] + ratio * task_tokens / rates["general_row_tokens"]
+    general_tokens = cfg.mix.general_tokens or ratio * task_tokens
+    general_row_tokens = rates.get("general_row_tokens") or GENERAL_ROW_TOKENS.get(cfg.data.general, 170.0)
+    tell_rows = task_tokens / rates["task_row_tokens"] + general_tokens / general_row_tokens
     trained = {"base": 0.0, "base-anchor": 0.0, "sft": task_tokens * cfg.train.epochs,
                "sft-matched": tell_rows * rates["task_row_tokens"] * cfg.train.epochs,
-               "tell": task_tokens * (1 + ratio) * cfg.train.epochs, "general": task_tokens * ratio}[arm]
+               "tell": (task_tokens + general_tokens) * cfg.train.epochs, "general": general_tokens}[arm]
+    if progress and progress["steps_planned"]:
+        trained *= 1 - progress["steps_done"] / progress["steps_planned"]
     test_rows = cfg.eval.limit or 100
     budget = (cfg.generate.max_new_tokens or 192) / 192
     return rates["overhead_s"] + trained / rates["train_tok_s"] + test_rows * rates["eval_s_per_row"] * budget
@@ -385,7 +439,8 @@ def result_rows(out: str | Path) -> list[dict]:
             "key": row["key"], "label": row["label"], "method": cfg.compare.arms,
             "size": f"{cfg.compare.task_tokens} tokens" if cfg.compare.task_tokens else f"{cfg.compare.task_rows} rows",
             "task_rows": result.get("task_rows", 0), "task_tokens": metrics.get("task_tokens", 0),
-            "general_tokens": metrics.get("general_tokens", 0), "ratio": str(cfg.mix.ratio),
+            "general_tokens": metrics.get("general_tokens", 0),
+            "ratio": general_budget(cfg) if cfg.mix.general_tokens else str(cfg.mix.ratio),  # the budget setting
             "anchor": cfg.anchor.mode if cfg.compare.arms not in ("base", "sft") else "none",
             "placement": cfg.anchor.placement, "order": cfg.mix.order, "lr": cfg.train.lr, "seed": cfg.train.seed,
             "task": cfg.eval.task, "metrics": metrics, "row_ids": result["row_ids"],

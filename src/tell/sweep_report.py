@@ -79,9 +79,14 @@ def _quantiles(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def curve_label(record: dict, varying: dict[str, set]) -> str:
     """Return the method plus the settings that vary among that method's cells."""
-    parts = [record["method"]] + [f"{k} {record[k]}" for k in RELEVANT[record["method"]]
+    parts = [record["method"]] + [_setting(k, record[k]) for k in RELEVANT[record["method"]]
                                   if len(varying.get(record["method"], {}).get(k, ())) > 1]
     return ", ".join(parts)
+
+
+def _setting(key: str, value) -> str:
+    """Return 'ratio 10', 'lr 0.001'; a general-token budget reads as itself ('general 3e5 tok')."""
+    return value if key == "ratio" and str(value).startswith("general ") else f"{key} {value}"
 
 
 def varying_settings(records: list[dict]) -> dict[str, dict[str, set]]:
@@ -394,8 +399,10 @@ def status_text(status: dict) -> str:
              f"left: {status['left']} (failed: {status['failed']})",
              f"estimated time left: {hours} h {rest // 60:02d} min (training {status['rates']['train_tok_s']:g} "
              f"tok/s, {status['rates']['eval_s_per_row']:g} s per test row at 192 new tokens)"]
-    lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s)"
-              for c in status["running_cells"]]
+    lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s"
+              + _steps(c.get("training")) + ")" for c in status["running_cells"]]
+    lines += [f"interrupted: {c['key']} {c['label']} ({_steps(c['training'])[2:]}; resumes from its last checkpoint)"
+              for c in status.get("interrupted_cells", ())]
     lines += [f"failed: {c['key']} {c['label']}: {c['error']}" for c in status["failed_cells"]]
     return "\n".join(lines)
 
@@ -405,6 +412,12 @@ DIAGNOSTICS_NOTE = ("Judging or copying: majority baseline = label accuracy of a
                     "bars in the plots); predicted labels as the schema spells them (`none`: no label); distinct "
                     "outputs ÷ rows; anchor / target copy = answers with 8 consecutive words of the cell's anchor "
                     "/ of a task target it trained on.")
+
+
+def _steps(training: dict | None) -> str:
+    return f", training step {training['steps_done']}/{training['steps_planned']}" if training else ""
+
+
 PLOTS = (("task_tokens.png", plot_task_tokens, "Task tokens vs score — TELL and SFT (paper Fig. 7/8)"),
          ("general_tokens.png", plot_general_tokens, "General tokens vs score per task size (Fig. 11/12)"),
          ("ablation.png", plot_ablation, "Ablation: base, general-only, SFT, TELL (Fig. 9/10)"),

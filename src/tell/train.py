@@ -32,7 +32,8 @@ from tell.mix import Mix, encode_examples
 from tell.model import quiet_peft
 from tell.trackers import open_tracker
 from tell.packing import (_causal_lm, Row, _sparse_lora_dropout, attention_path, can_pack, collate,
-                          collate_packed, micro_batches, packed_attention, packed_micro_batches, token_losses)
+                          collate_packed, labelled_spans, micro_batches, packed_attention, packed_micro_batches,
+                          token_losses)
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,9 @@ class TrainResult:
 
 
 def training_rows(tokenizer, mix: Mix, max_length: int) -> list[Row]:
-    """Return the mix encoded for training: ids truncated to max_length, labels after the prompt."""
+    """Return the mix encoded for training: ids truncated to max_length, labels on every assistant turn."""
     encoded = encode_examples(tokenizer, [r.example for r in mix.rows])
-    return [Row(e.input_ids[:max_length], e.prompt_tokens, r.example.source)
-            for e, r in zip(encoded, mix.rows)]
+    return [Row(e.input_ids[:max_length], e.label_spans, r.example.source) for e, r in zip(encoded, mix.rows)]
 
 
 def epoch_batches(rows: list[Row], batch_size: int, epochs: int, seed: int) -> list[list[Row]]:
@@ -311,9 +311,7 @@ def _train_step(model, batch, cfg, pad_id, device, autocast, params, optimizer, 
     the whole batch's label count and the LoRA gradients are summed, so the step equals one process's.
     The per-source loss sums stay on the device until the step ends: one host sync per step, not per row.
     """
-    # Labelled positions after the one-token shift: [max(labels_from, 1), len); none when truncation cut
-    # the row inside its prompt (labels_from > len), which would otherwise count negative.
-    label_total = sum(max(0, len(r.input_ids) - max(r.labels_from, 1)) for r in batch)
+    label_total = sum(b - a for r in batch for a, b in labelled_spans(r))
     sums = torch.zeros(len(SOURCES), 2, dtype=torch.float64, device=device)  # per source: loss sum, label count
     tokens = 0
     pack = can_pack(model)
