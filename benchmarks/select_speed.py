@@ -2,7 +2,7 @@
 
 Builds the Halu-CoT-JSON prompt of the first --rows rows of the shipped HaluEval file (4,007 rows; the task's
 training pool is the 3,000 of them whose query is not in a test prompt), renders it with the model's chat
-template as `tell select` does, and times ``select.hidden_states`` (batched by length, the shared instruction
+template as `tell select` does, and times ``embed.hidden_states`` (batched by length, the shared instruction
 prefix computed once). ``--plain N`` also times the first N rows without the shared prefix, on the same rows
 as the prefixed path, for the speed-up. FLOPs: 2 x the non-embedding parameters per computed token (no LM
 head) plus attention (QK and AV: 4 x keys x hidden per token and layer). Prints one JSON object.
@@ -39,13 +39,13 @@ def flops(model, lengths: list[int], prefix: int) -> float:
 
 
 def timed(model, tokenizer, texts, batch_size: int, share_prefix: bool = True) -> float:
-    from tell import select
+    from tell import embed
     if not share_prefix:
-        select.MIN_PREFIX_TOKENS = 10**9
+        embed.MIN_PREFIX_TOKENS = 10**9
     start = time.perf_counter()
-    select.hidden_states(model, tokenizer, texts, -1, "mean", batch_size, progress=True)
+    embed.hidden_states(model, tokenizer, texts, -1, "mean", batch_size, progress=True)
     seconds = time.perf_counter() - start
-    select.MIN_PREFIX_TOKENS = 16
+    embed.MIN_PREFIX_TOKENS = 16
     return seconds
 
 
@@ -63,13 +63,13 @@ def main() -> None:
     parser.add_argument("--plain", type=int, default=0, help="also time this many rows without the shared prefix")
     args = parser.parse_args()
     import torch
-    from tell import select
+    from tell import embed
     from tell.config import ModelConfig
     from tell.generate import load_for_generation
     run = load_for_generation(None, ModelConfig())
     texts = halu_texts(args.rows, run.tokenizer)
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    lengths, prefix = [len(e) for e in encoded], select._common_prefix(encoded)
+    lengths, prefix = [len(e) for e in encoded], embed.common_prefix_length(encoded)
     seconds = timed(run.model, run.tokenizer, texts, args.batch_size)
     total = flops(run.model, lengths, prefix)
     result = {"rows": len(texts), "prompt_tokens": sum(lengths), "shared_prefix_tokens": prefix,

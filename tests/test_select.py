@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tell import cli, select
+from tell import cli, embed, select
 from tell.config import ModelConfig, SelectConfig
 from tell.data import TellInputError
 from tell.tasks import seeded_sample
@@ -53,7 +53,7 @@ def test_shared_prefix_embeddings_equal_a_plain_forward(tiny_model, tiny_tokeniz
     prefix = "Read the text below and say which group it belongs to, with care and in one word. " * 2
     texts = [prefix + tail for tail in ("apple banana", "1 2 3 4 5 6 7", "def return", "!! ?? ... ;; :: -- ++")]
     for layer, pool in ((-1, "mean"), (1, "mean"), (-1, "last"), (0, "mean")):
-        fast = select.hidden_states(tiny_model, tiny_tokenizer, texts, layer, pool, batch_size=3)
+        fast = embed.hidden_states(tiny_model, tiny_tokenizer, texts, layer, pool, batch_size=3)
         for text, vector in zip(texts, fast):
             ids = torch.tensor([tiny_tokenizer(text, add_special_tokens=False)["input_ids"]])
             with torch.no_grad():
@@ -61,7 +61,7 @@ def test_shared_prefix_embeddings_equal_a_plain_forward(tiny_model, tiny_tokeniz
             states = out.hidden_states[2 if layer < 0 else layer][0]
             expected = states[-1] if pool == "last" else states.mean(0)
             assert np.allclose(vector, expected.numpy(), atol=1e-5), (layer, pool, text)
-    assert select._common_prefix([tiny_tokenizer(t)["input_ids"] for t in texts]) >= select.MIN_PREFIX_TOKENS
+    assert embed.common_prefix_length([tiny_tokenizer(t)["input_ids"] for t in texts]) >= embed.MIN_PREFIX_TOKENS
 
 
 def test_kcenter_and_kmeans_take_one_row_per_group_and_random_does_not(tmp_path, model_cfg):
@@ -86,7 +86,7 @@ def test_same_seed_same_choice_and_the_cache_is_hit(tmp_path, model_cfg, monkeyp
     def no_forward(*args, **kwargs):
         raise AssertionError("embeddings recomputed despite the cache")
 
-    monkeypatch.setattr(select, "hidden_states", no_forward)
+    monkeypatch.setattr(embed, "hidden_states", no_forward)
     second = select.choose_rows(pool, "kmeans", 4, 0, SelectConfig(seed=3), model_cfg)
     assert second.record["embedding_cache"] == "hit"
     assert second.indices == first.indices and np.array_equal(second.vectors, first.vectors)
@@ -286,18 +286,24 @@ def test_compare_and_a_sweep_axis_choose_the_task_rows(tmp_path, tiny_model_dir)
 
 
 def test_cell_keys_without_a_selection_are_unchanged():
-    """The 30 cells of the cpu-repro sweep, run before selection existed, keep their keys."""
+    """The 3 cells of the selfinstruct-16 sweep, run before selection existed, keep their keys; the selection
+    settings enter a key only when rows are chosen."""
     import sqlite3
     from tell import sweep
     from tell.config import config_from_dict
-    db = Path(__file__).parents[1] / "docs" / "results" / "cpu-repro" / "sweep.sqlite"
+    db = Path(__file__).parents[1] / "docs" / "results" / "selfinstruct-16" / "sweep.sqlite"
     rows = sqlite3.connect(db).execute("SELECT key, config FROM cells").fetchall()
-    assert len(rows) == 30
+    assert len(rows) == 3
     for key, config in rows:
         cfg = config_from_dict(json.loads(config))
         assert sweep.cell_key(cfg) == key
+        cfg.select.seed = 7
+        assert sweep.cell_key(cfg) == key
         cfg.data.select = "kcenter"
-        assert sweep.cell_key(cfg) != key
+        chosen = sweep.cell_key(cfg)
+        assert chosen != key
+        cfg.select.seed = 8
+        assert sweep.cell_key(cfg) != chosen
 
 
 def test_read_pool_names_and_errors(tmp_path):
@@ -320,9 +326,9 @@ def test_real_model_embeds_halu_rows_with_the_prefix_reused():
     assert len(pool) > 2500 and json.loads(pool[0].raw)["id"] == pool[0].example.id
     run = load_for_generation(None, ModelConfig())
     texts = [render_prompt(run.tokenizer, row.example.prompt_messages) for row in pool[:3]]
-    fast = select.hidden_states(run.model, run.tokenizer, texts, -1, "mean", batch_size=3)
+    fast = embed.hidden_states(run.model, run.tokenizer, texts, -1, "mean", batch_size=3)
     ids = torch.tensor([run.tokenizer(texts[1], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         plain = run.model.base_model(input_ids=ids).last_hidden_state[0].mean(0).float().numpy()
-    assert select._common_prefix([run.tokenizer(t)["input_ids"] for t in texts]) > 250
+    assert embed.common_prefix_length([run.tokenizer(t)["input_ids"] for t in texts]) > 250
     assert np.allclose(fast[1], plain, atol=1e-3 * np.abs(plain).max())

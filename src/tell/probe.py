@@ -17,7 +17,7 @@ from tell.compare import default_anchor
 from tell.config import RunConfig, config_dict
 from tell.data import TellInputError, load_examples
 from tell.experiment import (announce, field_map, resolve_self_instruct, staged_output, task_from_config)
-from tell.select import hidden_states, plot_map
+from tell.embed import hidden_states, plot_map
 
 
 def separation(task: np.ndarray, general: np.ndarray) -> dict:
