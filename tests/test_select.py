@@ -332,3 +332,26 @@ def test_real_model_embeds_halu_rows_with_the_prefix_reused():
         plain = run.model.base_model(input_ids=ids).last_hidden_state[0].mean(0).float().numpy()
     assert embed.common_prefix_length([run.tokenizer(t)["input_ids"] for t in texts]) > 250
     assert np.allclose(fast[1], plain, atol=1e-3 * np.abs(plain).max())
+
+
+def test_select_halu_config_expresses_the_evidence_sweep():
+    """configs/select-halu.yaml: SFT and TELL on 16 rows chosen by kcenter, kmeans and random (3 seeds) at the
+    strongest cell's settings, one test set of >= 48 rows; random with seed 42 is the plain seeded draw."""
+    from tell import sweep
+    from tell.experiment import task_from_config
+    base, grids = sweep.load_sweep(Path(__file__).parents[1] / "configs" / "select-halu.yaml")
+    cells = sweep.expand_grid(base, grids)
+    chosen = sorted((c.cfg.compare.arms, c.cfg.data.select, c.cfg.select.seed) for c in cells)
+    assert chosen == sorted((arm, method, seed) for arm in ("sft", "tell") for method, seed in
+                            (("kcenter", 42), ("kmeans", 42), ("random", 42), ("random", 1), ("random", 2)))
+    for c in cells:
+        cfg = c.cfg
+        assert (cfg.eval.task, cfg.compare.task_rows, cfg.train.lr, cfg.train.batch_size, cfg.train.warmup_ratio,
+                cfg.generate.greedy) == ("halu-cot-json", 16, 1e-3, 4, 0.0, True)
+        assert cfg.eval.limit >= 48 and len({(x.cfg.eval.limit, x.cfg.mix.seed, x.cfg.train.seed) for x in cells}) == 1
+        if cfg.compare.arms == "tell":
+            assert (str(cfg.mix.ratio), cfg.anchor.mode) == ("10", "self-instruct")
+    task = task_from_config(cells[0].cfg)
+    pool = task.train_examples(None, 42)
+    draw = select.choose(np.zeros((len(pool), 1)), "random", 42, k=16)
+    assert [pool[i].id for i in draw] == [e.id for e in task.train_examples(16, 42)]
