@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 
@@ -49,13 +47,6 @@ def timed(model, tokenizer, texts, batch_size: int, share_prefix: bool = True) -
     return seconds
 
 
-def cpu_kind() -> str:
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
-    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
-    return f"{model}, {os.cpu_count()} cores, {simd}, {platform.machine()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4007)
@@ -66,6 +57,7 @@ def main() -> None:
     from tell import embed
     from tell.config import ModelConfig
     from tell.generate import load_for_generation
+    from tell.hardware import cpu_label, machine
     run = load_for_generation(None, ModelConfig())
     texts = halu_texts(args.rows, run.tokenizer)
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -78,7 +70,8 @@ def main() -> None:
               "computed_tok_per_s": round((sum(lengths) - prefix * (len(texts) - 1)) / seconds, 1),
               "gflop": round(total / 1e9, 1), "gflop_per_s": round(total / 1e9 / seconds, 1),
               "projected_s_4007_rows": round(seconds * 4007 / len(texts)),
-              "dtype": str(next(run.model.parameters()).dtype), "threads": torch.get_num_threads(), "cpu": cpu_kind()}
+              "dtype": str(next(run.model.parameters()).dtype), "threads": torch.get_num_threads(),
+              "cpu": machine("cpu")["cpu"], "cpu_kind": cpu_label()}
     if args.plain:
         subset = texts[:args.plain]
         plain = timed(run.model, run.tokenizer, subset, args.batch_size, share_prefix=False)
