@@ -132,9 +132,10 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 
 
 def pool_embeddings(texts: list[str], key: str, model: ModelConfig, batch_size: int) -> tuple[np.ndarray, dict]:
-    """Return the L2-normalised embeddings of the prompt texts and facts about them (cache hit or miss,
-    seconds, shared prefix), computing them unless $TELL_CACHE/embeddings holds them under `key`."""
+    """Return the L2-normalised embeddings of the prompt texts and facts about them (cache hit or miss; on a
+    miss the seconds, rows per second, dtype and machine), computed unless $TELL_CACHE/embeddings holds `key`."""
     from tell.generate import load_for_generation
+    from tell.hardware import dtype_name, machine
     from tell.model import cache_dir
     path = cache_dir() / "embeddings" / f"{key}.npy"
     if path.is_file():
@@ -149,7 +150,8 @@ def pool_embeddings(texts: list[str], key: str, model: ModelConfig, batch_size: 
     atomic_write(path, lambda p: _save_array(p, vectors))
     return vectors, {"embedding_cache": "miss", "embedding_s": round(seconds, 1),
                      "embedding_rows_per_s": round(len(texts) / seconds, 2) if seconds else None,
-                     "dtype": str(next(run.model.parameters()).dtype).replace("torch.", "")}
+                     "dtype": dtype_name(next(run.model.parameters()).dtype),
+                     "machine": machine(next(run.model.parameters()).device)}
 
 
 def plot_map(groups: dict[str, np.ndarray], title: str, png: Path, seed: int, emphasise: tuple[str, ...] = ()) -> str:
