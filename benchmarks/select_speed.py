@@ -7,7 +7,7 @@ prefix computed once). ``--plain N`` also times the first N rows without the sha
 as the prefixed path, for the speed-up. FLOPs: 2 x the non-embedding parameters per computed token (no LM
 head) plus attention (QK and AV: 4 x keys x hidden per token and layer). Prints one JSON object.
 
-    python benchmarks/select_speed.py --rows 4007          # all rows (~30 min on 2 avx2 cores)
+    python benchmarks/select_speed.py --rows 4007          # all rows (~20 min on 2 avx2-only cores)
     python benchmarks/select_speed.py --rows 256 --plain 64
 """
 from __future__ import annotations
