@@ -1,7 +1,9 @@
 """Test of the stage order: a module may import only earlier stages (read from the source with `ast`).
 
-Order: config → data → anchor → mix → model → train → generate → metrics → halu_targets → tasks → evaluate → report
-(sweep_report: the report stage for sweeps), then experiment, compare (an experiment built on experiment.py),
+Order: config → data → anchor → mix → model → train → generate → metrics → halu_targets → tasks → embed → select →
+evaluate → report (sweep_report: the report stage for sweeps; embed runs the model and select reads built-in task
+pools, so they come after tasks, while the chosen rows flow into anchor and mix through the experiments), then
+experiment, compare (an experiment built on experiment.py),
 sweep and probe (experiments built on compare) and cli. config may import data, because
 TellInputError lives in data.py. A new module must be given its place in ORDER.
 """
@@ -15,7 +17,7 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "hardware", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "evaluate",
+ORDER = ["config", "hardware", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "embed", "select", "evaluate",
          "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
 ALLOWED = {("config", "data")}
 

@@ -67,6 +67,15 @@ EVAL_FLAGS = {
     "--task-rows": (("compare.task_rows",), {"type": int, "help": "task training rows (compare: 6; the paper: 15)"}),
     "--arms": (("compare.arms",), {"help": "comma list of base, base-anchor, sft, sft-matched, tell, general"}),
 }
+# `tell select`: the pool, how many rows and how they are chosen (its --seed is the selection's alone)
+SELECT_FLAGS = {
+    "--pool": (("data.select_pool",), {"help": "rows to choose from: .json/.jsonl, 'alpaca', 'alpaca+dpo' or a "
+                                               "built-in task's training pool ('halu-cot-json')"}),
+    "--k": (("select.k",), {"type": int, "help": "rows to choose"}),
+    "--tokens": (("select.tokens",), {"type": int, "help": "instead of --k: rows up to this many tokens"}),
+    "--method": (("data.select",), {"help": "kcenter (default: coverage), kmeans (representatives) or random"}),
+    "--seed": (("select.seed",), {"type": int, "help": "seed of the selection (42)"}),
+}
 VERB_FLAGS = {
     "mix": ["--task", "--general", "--prompt-field", "--response-field", "--anchor", "--anchor-file",
             "--anchor-placement", "--ratio", "--mode", "--order", "--seed", "--count-tokenizer",
@@ -89,6 +98,8 @@ VERB_FLAGS["compare"] = ["--task", "--test", "--train", "--metric", "--schema", 
 
 for _verb in ("mix", "train", "compare"):
     VERB_FLAGS[_verb] += ["--anchor-mode", "--general-tokens"]
+VERB_FLAGS["select"] = ["--pool", "--k", "--tokens", "--method", "--model", "--seed", "--out", "--dtype", "--device",
+                        "--prompt-field", "--response-field", "--count-tokenizer"]
 VERB_FLAGS["probe"] = ["--task", "--test", "--metric", "--anchor", "--anchor-file", "--anchor-placement",
                        "--anchor-mode", "--general", "--model", "--dtype", "--device", "--layer", "--rows", "--out"]
 
@@ -97,6 +108,8 @@ def _flag_table(verb: str) -> dict:
     table = dict(SHORT_FLAGS)
     if verb in ("eval", "score", "compare", "export", "probe"):
         table.update(EVAL_FLAGS)
+    if verb == "select":
+        table.update(SELECT_FLAGS)
     return table
 
 
@@ -152,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-cache", action="store_true", help="recompute every arm")
     compare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     _add_common(compare, "compare")
+    select = verbs.add_parser("select", help="choose the k rows of a pool worth training on (k-center, k-means "
+                              "or random over the model's own embeddings)")
+    select.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    select.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_common(select, "select")
     _add_sweep_verbs(verbs)
     ship = verbs.add_parser("export-model", help="merge a run's adapter into its base and write it as a "
                             "transformers directory or a GGUF (with the anchor and a README on prompting it)")
@@ -234,7 +252,7 @@ def dotted_overrides(extra: list[str]) -> dict[str, str]:
         arg = extra[i]
         if not arg.startswith("--") or "." not in arg:
             import difflib
-            known, name = {**SHORT_FLAGS, **EVAL_FLAGS}, arg.partition("=")[0]
+            known, name = {**SELECT_FLAGS, **SHORT_FLAGS, **EVAL_FLAGS}, arg.partition("=")[0]
             if name in known:  # a real flag, but not one of this verb's short flags
                 keys, options = known[name]
                 value = " true" if options.get("action") == "store_true" else " VALUE"
@@ -304,6 +322,11 @@ def _dispatch(args, extra) -> int:
         numbers = run_probe(cfg, args.run, args.overwrite)
         print(_metrics_text({k: numbers[k] for k in ("layer", "without_anchor", "with_anchor")}))
         print(f"[tell] probe.png and probe.json written to {cfg.out or 'runs/probe'}")
+    elif args.verb == "select":
+        record = experiment.run_select(cfg, args.overwrite).record
+        print(f"[tell] {record['k']} of {record['pool_rows']} rows chosen by {record['method']} ({record['chosen_tokens']} "
+              f"tokens, coverage radius {record['coverage_radius']:.3f}) written to {cfg.out}; selection.json and "
+              "selection.png beside it")
     elif args.verb == "eval":
         out, metrics = experiment.run_eval(cfg, args.run, args.overwrite, not args.no_anchor)
         print(_metrics_text(metrics))

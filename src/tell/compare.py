@@ -20,7 +20,8 @@ from pathlib import Path
 from tell.config import RunConfig, config_dict, dump_config
 from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct,
-                             resume_or_train, run_train, staged_output, task_from_config, test_rows_from_config)
+                             resume_or_train, run_train, staged_output, task_from_config, task_selection,
+                             test_rows_from_config)
 from tell.generate import usable_backend
 from tell.hardware import machine
 from tell.model import cache_dir, pick_device, shared_base
@@ -143,7 +144,7 @@ def run_compare(cfg: RunConfig, overwrite: bool = False, quick: bool = False) ->
                 results[arm], timings[arm] = _run_arm(cfg, arm, inputs, tmp)
                 print(f"[tell] {arm}: " + _headline(results[arm]), flush=True)
             summary = {"task": task.name, "test_rows": len(inputs.rows), "task_rows": len(inputs.task_examples),
-                       "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick,
+                       "ratio": cfg.mix.ratio, "anchor": inputs.anchor, "quick": quick, "selection": inputs.selection,
                        "wall_s": round(time.perf_counter() - start, 1), "stage_wall_s": timings,
                        "machine": machine(pick_device(cfg.model))}
             (tmp / "results.json").write_text(json.dumps({**results, "_summary": summary}, indent=1) + "\n")
@@ -263,6 +264,8 @@ class ArmInputs:
     heldout: tuple = ()
     done: set = field(default_factory=set)
     """Cache keys of the evaluations and losses computed by this comparison (reused even with --no-cache)."""
+    selection: dict | None = None
+    """The record of data.select's choice of the task rows (None for the seeded draw)."""
 
 
 def default_anchor(cfg: RunConfig, task) -> None:
@@ -276,14 +279,27 @@ def arm_inputs(cfg: RunConfig, task, tell_steps: bool = True, task_rows: bool = 
     the task's training rows drawn when task_rows is). A self-instruct anchor is written here, once, so
     every arm sees the same text.
     """
-    task_examples = task_examples_for(cfg, task) if task_rows or tell_steps else []
+    selection = selected_task_rows(cfg, task) if cfg.data.select and (task_rows or tell_steps) else None
+    if selection is not None:
+        task_examples = [row.example for row in selection.rows]
+    else:
+        task_examples = task_examples_for(cfg, task) if task_rows or tell_steps else []
     rows = test_rows_from_config(cfg, task)
     resolve_self_instruct(cfg, task_examples, task.name)
     steps, anchor = 0, resolve_anchor_text(cfg.anchor)
     if tell_steps:
         tell_mix = prepare_mix(_with_mode(cfg, "tell"), task_examples)
         steps = math.ceil(len(tell_mix.mix.rows) / cfg.train.batch_size) * cfg.train.epochs
-    return ArmInputs(task, rows, task_examples, anchor, steps, tuple(heldout_general(cfg)))
+    return ArmInputs(task, rows, task_examples, anchor, steps, tuple(heldout_general(cfg)),
+                     selection=selection.record if selection else None)
+
+
+def selected_task_rows(cfg: RunConfig, task):
+    """Return data.select's choice of compare.task_rows rows (or rows up to compare.task_tokens tokens) from
+    data.select_pool, else from the task's whole training pool (select.Selection)."""
+    pool = None if cfg.data.select_pool else task.train_examples(None, cfg.mix.seed)
+    tokens = cfg.compare.task_tokens
+    return task_selection(cfg, pool, 0 if tokens else cfg.compare.task_rows, tokens)
 
 
 def task_examples_for(cfg: RunConfig, task) -> list:
@@ -332,7 +348,7 @@ def run_cell(cfg: RunConfig, progress: Path | None = None) -> dict:
     metrics, timing, run_dir, eval_dir = arm_result(cfg, arm, inputs, progress)
     anchor = arm_anchor(arm, run_dir, inputs)
     return {"metrics": metrics, "timing": timing, "anchor": anchor, "task_rows": len(inputs.task_examples),
-            "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir)}
+            "run_dir": str(run_dir or ""), "eval_dir": str(eval_dir), "selection": inputs.selection}
 
 
 def _headline(metrics: dict) -> str:

@@ -46,6 +46,12 @@ class DataConfig:
     """Override the answer field name (default: response|output)."""
     messages_field: str = "messages"
     """Field holding chat messages in chat-shaped rows."""
+    select: str = ""
+    """Choose the task rows by their embeddings instead of a seeded draw: kcenter, kmeans or random (the
+    seeded control); empty = the seeded draw. See SelectConfig and `tell select`."""
+    select_pool: str = ""
+    """Pool the selection chooses from: a .json/.jsonl file or a built-in name (empty: the task's training
+    pool in compare, data.task in mix/train)."""
 
 
 @dataclass
@@ -203,6 +209,19 @@ class SweepConfig:
 
 
 @dataclass
+class SelectConfig:
+    k: int = 0
+    """Rows to choose (`tell select --k`; mix/train with data.select). compare chooses compare.task_rows."""
+    tokens: int = 0
+    """Instead of k: choose rows up to this many tokens (counted like the mix: rendered prompt + answer);
+    compare uses compare.task_tokens."""
+    seed: int = 42
+    """Seed of the selection: k-means initialisation, k-center's first row, the random control's draw."""
+    batch_size: int = 16
+    """Rows per embedding forward pass (rows are grouped by length)."""
+
+
+@dataclass
 class ProbeConfig:
     layer: int = -1
     """Hidden-state layer (0 = embeddings, L = last block); -1 = the middle one, L // 2."""
@@ -226,6 +245,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     out: str = ""
     """Output directory of the run."""
 
@@ -235,6 +255,7 @@ CHOICES = {
     "anchor.placement": ("user-prefix", "system"),
     "anchor.mode": ("manual", "self-instruct", "none"),
     "probe.pool": ("last", "mean"),
+    "data.select": ("", "kcenter", "kmeans", "random"),
     "mix.mode": ("tell", "sft", "general"),
     "mix.order": ("random", "spread", "task-first", "task-last"),
     "mix.on_long": ("error", "truncate", "skip"),
@@ -371,8 +392,11 @@ def validate(cfg: RunConfig) -> None:
         problems.append("eval.limit must be >= 0 and compare.task_rows >= 1")
     if min(cfg.compare.task_tokens, cfg.eval.general_rows, cfg.sweep.max_cells, cfg.mix.general_tokens) < 0:
         problems.append("compare.task_tokens, eval.general_rows, sweep.max_cells and mix.general_tokens must be >= 0")
+    if cfg.select.k < 0 or cfg.select.tokens < 0:
+        problems.append(f"select.k = {cfg.select.k}, select.tokens = {cfg.select.tokens}: rows and tokens to "
+                        "choose must be >= 1 (0 = not set)")
     for key in ("anchor.self_instruct_rows", "anchor.self_instruct_max_new_tokens", "anchor.self_instruct_tries",
-                "probe.rows", "sweep.resamples"):
+                "probe.rows", "sweep.resamples", "select.batch_size"):
         owner, f = fields[key]
         if getattr(owner, f.name) < 1:
             problems.append(f"{key} must be >= 1")

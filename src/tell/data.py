@@ -89,6 +89,16 @@ class FieldMap:
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """Return (line number, record) pairs from a .json (a list) or .jsonl file, validated as objects."""
+    return [(line, rec) for line, rec, _ in read_raw_records(path)]
+
+
+def read_raw_records(path: str | Path) -> list[tuple[int, dict, str]]:
+    """Return (line number, record, the row's own JSON text) triples, validated as in read_records.
+
+    The text is the row exactly as the file holds it: the line of a .jsonl row (without its line end), the
+    object of a .json list with the line breaks between its tokens removed (JSON strings hold none), so
+    each fits on one JSONL line with every field, number and escape as written.
+    """
     path = Path(path)
     if not path.exists():
         raise TellInputError("file not found", path)
@@ -109,7 +119,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     records = _parse_json_array(text, path) if is_array else _parse_jsonl(text, path)
     if not records:
         raise TellInputError("file has no rows", path)
-    for line, rec in records:
+    for line, rec, _ in records:
         if not isinstance(rec, dict):
             raise TellInputError(f"row is a {type(rec).__name__}, expected a JSON object", path, line)
     return records
@@ -130,34 +140,54 @@ def _json_error(err: json.JSONDecodeError) -> str:
     return f"malformed JSON: {reason} at column {err.colno}"
 
 
-def _parse_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
+def _parse_jsonl(text: str, path: Path) -> list[tuple[int, object, str]]:
     records = []
     # split("\n"), not splitlines(): U+2028, U+0085 etc. are legal raw inside JSON strings.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, json.loads(line), line.rstrip("\r")))
         except json.JSONDecodeError as err:
             raise TellInputError(_json_error(err), path, number) from None
     return records
 
 
-def _parse_json_array(text: str, path: Path) -> list[tuple[int, object]]:
+def _parse_json_array(text: str, path: Path) -> list[tuple[int, object, str]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise TellInputError(_json_error(err), path, err.lineno) from None
     if not isinstance(data, list):
         raise TellInputError("a .json file must hold a list of rows", path, 1)
-    # json.loads loses positions; find each top-level object's line with a raw decoder.
-    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+    # json.loads loses positions; find each top-level object's line and text with a raw decoder.
+    decoder, lines, texts, pos = json.JSONDecoder(), [], [], text.index("[") + 1
     for _ in data:
         while text[pos] in " \t\r\n,":
             pos += 1
         lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    return list(zip(lines, data))
+        _, end = decoder.raw_decode(text, pos)
+        texts.append(text[pos:end].replace("\r", "").replace("\n", ""))
+        pos = end
+    return list(zip(lines, data, texts))
+
+
+def with_empty_answer(rec: dict, fields: "FieldMap") -> dict:
+    """Return a prompt-only row (no assistant answer yet) with an empty answer added, so it reads like a full
+    row of its shape; a row that has an answer is returned as it is."""
+    key = fields.messages if fields.messages in rec else "conversations" if "conversations" in rec else None
+    if key is not None:
+        turns = rec[key]
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        if isinstance(last, dict) and last.get("role", last.get("from")) not in ("assistant", "gpt") \
+                and not isinstance(rec.get("chosen"), dict):
+            return {**rec, key: turns + [{"role": "assistant", "content": ""}]}
+        return rec
+    if fields.instruction in rec:
+        return rec if fields.output in rec else {**rec, fields.output: ""}
+    if any(k in rec for k in fields.prompt) and not any(k in rec for k in fields.response):
+        return {**rec, fields.response[0]: ""}
+    return rec
 
 
 def _text_field(rec: dict, name: str, path, line, required: bool = True) -> str | None:

@@ -52,13 +52,18 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
                 general_examples: list[Example] | None = None) -> PreparedMix:
     """Return the validated, anchored, token-budgeted mix; raises on bad input before any model loads."""
     task_name = ""
+    select_here, selection = task_examples is None and bool(cfg.data.select), None
     if task_examples is None:
-        if not cfg.data.task:
+        if not cfg.data.task and not (select_here and cfg.data.select_pool):
             raise TellInputError("no task data: pass --task FILE", None, None, "data.task")
-        task_examples = load_examples(cfg.data.task, "task", field_map(cfg))
-        task_name = Path(cfg.data.task).stem
+        if not (select_here and cfg.data.select_pool):  # the selection's pool replaces the task file
+            task_examples = load_examples(cfg.data.task, "task", field_map(cfg))
+        task_name = Path(cfg.data.select_pool if select_here and cfg.data.select_pool else cfg.data.task).stem
     if general_examples is None and cfg.mix.mode != "sft":
         general_examples = load_examples(cfg.data.general, "general", field_map(cfg))
+    if select_here:
+        selection = task_selection(cfg, task_examples, cfg.select.k, cfg.select.tokens)
+        task_examples = [row.example for row in selection.rows]
     tokenizer = load_tokenizer(cfg.model.name)
     check_placement(tokenizer, cfg.anchor.placement, cfg.model.name)
     resolve_self_instruct(cfg, task_examples, task_name)
@@ -71,7 +76,34 @@ def prepare_mix(cfg: RunConfig, task_examples: list[Example] | None = None,
     mix = build_mix(task_examples, general_examples or [], cfg.mix, count_tokenizer, max_length,
                     tokenizer_name=count_name if count_name != "default" else "SmolLM2-135M-Instruct (embedded)")
     mix.manifest.update(anchor=anchor, anchor_placement=cfg.anchor.placement)
+    if selection is not None:
+        mix.manifest["selection"] = selection.record
     return PreparedMix(mix, tokenizer, anchor, max_length)
+
+
+def task_selection(cfg: RunConfig, pool_examples: list[Example] | None, k: int, tokens: int):
+    """Return the select.Selection of task rows that data.select asks for: k rows (or rows up to `tokens`
+    tokens) from data.select_pool, else from `pool_examples` (the task file, or a task's training pool)."""
+    from tell.select import choose_rows, pool_from_examples, read_pool
+    if cfg.data.select_pool:
+        pool, where = read_pool(cfg.data.select_pool, field_map(cfg)), cfg.data.select_pool
+    else:
+        pool, where = pool_from_examples(pool_examples or []), cfg.data.task or "the task's training pool"
+    return choose_rows(pool, cfg.data.select, k, tokens, cfg.select, cfg.model, cfg.mix.count_tokenizer, where)
+
+
+def run_select(cfg: RunConfig, overwrite: bool = False):
+    """Choose rows of data.select_pool (method data.select, default kcenter) and write them to cfg.out with
+    selection.json and selection.png beside it; return the select.Selection."""
+    from tell.config import config_dict
+    from tell.select import check_outputs, choose_rows, read_pool, write_selection
+    announce(cfg)
+    check_outputs(cfg.out, overwrite)
+    pool = read_pool(cfg.data.select_pool, field_map(cfg), answers_required=False)
+    selection = choose_rows(pool, cfg.data.select or "kcenter", cfg.select.k, cfg.select.tokens, cfg.select,
+                            cfg.model, cfg.mix.count_tokenizer, cfg.data.select_pool)
+    write_selection(selection, cfg.out, config_dict(cfg))
+    return selection
 
 
 def resolve_self_instruct(cfg: RunConfig, task_examples: list[Example], task_name: str = "") -> str:

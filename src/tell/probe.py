@@ -12,37 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tell.compare import default_anchor
 from tell.config import RunConfig, config_dict
 from tell.data import TellInputError, load_examples
 from tell.experiment import (announce, field_map, resolve_self_instruct, staged_output, task_from_config)
-
-
-@torch.inference_mode()
-def hidden_states(model, tokenizer, texts: list[str], layer: int, pool: str, batch_size: int = 8) -> np.ndarray:
-    """Return one vector per text: the layer's hidden state at the last token, or the mean over tokens."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vectors = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):  # left padding: the last position is every row's last real token
-            ids[row, width - len(e):], mask[row, width - len(e):] = torch.tensor(e), 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding must not shift the real tokens' positions
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[layer].float()
-        if pool == "last":
-            vectors.append(hidden[:, -1])
-        else:
-            weights = mask.to(device)[..., None].float()
-            vectors.append((hidden * weights).sum(1) / weights.sum(1))
-    return torch.cat(vectors).cpu().numpy()
+from tell.embed import hidden_states, plot_map
 
 
 def separation(task: np.ndarray, general: np.ndarray) -> dict:
@@ -61,28 +36,11 @@ def separation(task: np.ndarray, general: np.ndarray) -> dict:
             "spread": spread, "distance_over_spread": distance / spread if spread else float("inf")}
 
 
-def plot_tsne(groups: dict[str, np.ndarray], numbers: dict, png: Path, seed: int) -> None:
-    """Write one t-SNE map of all groups (fitted together, so positions are comparable)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-    vectors = np.concatenate(list(groups.values()))
-    perplexity = float(max(2.0, min(30.0, (len(vectors) - 1) / 3)))
-    points = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(vectors)
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    start = 0
-    for (label, group), marker in zip(groups.items(), ("o", "^", "s")):
-        ax.scatter(*points[start:start + len(group)].T, s=14, marker=marker, alpha=0.7, label=label)
-        start += len(group)
-    ax.set_title("t-SNE of layer {layer} hidden states\nsilhouette task vs general: {without:.3f} without the "
-                 "anchor, {with_:.3f} with it".format(layer=numbers["layer"], without=numbers["without_anchor"]
-                                                      ["silhouette"], with_=numbers["with_anchor"]["silhouette"]),
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+def probe_title(numbers: dict) -> str:
+    """Return the map's title: the layer and the silhouettes without and with the anchor."""
+    return ("layer {layer} hidden states\nsilhouette task vs general: {without:.3f} without the anchor, {with_:.3f} "
+            "with it").format(layer=numbers["layer"], without=numbers["without_anchor"]["silhouette"],
+                              with_=numbers["with_anchor"]["silhouette"])
 
 
 def _layer(model, wanted: int) -> int:
@@ -130,7 +88,7 @@ def run_probe(cfg: RunConfig, run_dir: str | None = None, overwrite: bool = Fals
                "with_anchor": separation(groups["task, with anchor"], groups["general"])}
     out = cfg.out or "runs/probe"
     with staged_output(out, overwrite) as tmp:
-        plot_tsne(groups, numbers, tmp / "probe.png", cfg.probe.seed)
+        plot_map(groups, probe_title(numbers), tmp / "probe.png", cfg.probe.seed)
         (tmp / "probe.json").write_text(json.dumps({**numbers, "config": config_dict(cfg)}, indent=1) + "\n",
                                         encoding="utf-8")
     return numbers

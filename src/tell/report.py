@@ -190,10 +190,14 @@ def write_compare_report(results: dict, summary: dict, out_dir: str | Path) -> N
     plot_compare(results, out_dir / "compare.png")
     stage_lines = [f"| {arm} | {t.get('prepare_s', '–')} | {t.get('train_s', '–')} | {t.get('eval_s', '–')} | "
                    f"{t.get('general_loss_s', '–')} |" for arm, t in summary["stage_wall_s"].items()]
+    chosen = summary.get("selection")
+    chosen_line = (f"\nTask rows chosen by `{chosen['method']}` (seed {chosen['seed']}) from {chosen['pool_rows']} pool "
+                   f"rows: pool lines {chosen['chosen_lines']}, coverage radius {chosen['coverage_radius']:.3f}."
+                   if chosen else "")
     text = f"""# tell compare — {summary['task']}
 
 {summary['task_rows']} task rows, general:task ratio {summary['ratio']}, {summary['test_rows']} test rows
-(the same seeded sample for every arm). Anchor: `{summary['anchor']}`{' — **quick mode**' if summary['quick'] else ''}.
+(the same seeded sample for every arm). Anchor: `{summary['anchor']}`{' — **quick mode**' if summary['quick'] else ''}.{chosen_line}
 
 {compare_table(results)}
 

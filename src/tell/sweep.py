@@ -33,6 +33,7 @@ AXES = {
     "ratio": ("mix.ratio",), "general_tokens": ("mix.general_tokens",), "anchor": ("anchor.mode",),
     "placement": ("anchor.placement",),
     "order": ("mix.order",), "lr": ("train.lr",), "seed": ("mix.seed", "train.seed", "generate.seed"),
+    "select": ("data.select",),
 }
 # Settings that never change a cell's result, so they stay out of its key.
 NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
@@ -122,12 +123,17 @@ def normalise(cfg: RunConfig) -> RunConfig:
                                   self_instruct_tries=anchor.self_instruct_tries)
     if cfg.generate.greedy:
         cfg.generate.seed = defaults.generate.seed  # greedy decoding draws nothing
+    if arm == "base" or not cfg.data.select:  # no rows chosen: the selection settings play no part
+        cfg.data.select, cfg.data.select_pool, cfg.select = "", "", defaults.select
     return cfg
 
 
 def cell_key(cfg: RunConfig) -> str:
     """Return the 16-hex-digit hash of a cell's resolved config (settings that change no result left out)."""
     values = {k: v for k, v in config_dict(cfg).items() if k not in ("sweep", "probe")}
+    if not cfg.data.select:  # cells without a selection keep the keys they had before selection existed
+        values.pop("select", None)
+        values["data"] = {k: v for k, v in values["data"].items() if k not in ("select", "select_pool")}
     for dotted in NOT_IN_KEY:
         section, _, name = dotted.partition(".")
         (values.get(section, {}).pop(name, None) if name else values.pop(section, None))
@@ -144,6 +150,8 @@ def cell_label(cfg: RunConfig) -> str:
         parts += [general_budget(cfg), f"order {cfg.mix.order}"]
     if cfg.compare.arms not in ("base", "sft"):
         parts.append(f"anchor {cfg.anchor.mode}/{cfg.anchor.placement}")
+    if cfg.data.select:
+        parts.append(f"select {cfg.data.select} seed {cfg.select.seed}")
     return ", ".join(parts)
 
 
@@ -319,6 +327,8 @@ def _stored_result(result: dict, cell_dir: Path) -> dict:
         for name in CELL_FILES:
             if folder and (Path(folder) / name).is_file():
                 shutil.copy2(Path(folder) / name, cell_dir / name)
+    if result.get("selection"):
+        (cell_dir / "selection.json").write_text(json.dumps(result["selection"], indent=1) + "\n", encoding="utf-8")
     with open(Path(result["eval_dir"]) / "generations.jsonl", encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return {**result, "row_ids": [r["id"] for r in records], "row_scores": [r["score"] for r in records]}
@@ -443,6 +453,7 @@ def result_rows(out: str | Path) -> list[dict]:
             "ratio": general_budget(cfg) if cfg.mix.general_tokens else str(cfg.mix.ratio),  # the budget setting
             "anchor": cfg.anchor.mode if cfg.compare.arms not in ("base", "sft") else "none",
             "placement": cfg.anchor.placement, "order": cfg.mix.order, "lr": cfg.train.lr, "seed": cfg.train.seed,
+            "select": cfg.data.select or "seeded draw",
             "task": cfg.eval.task, "metrics": metrics, "row_ids": result["row_ids"],
             "row_scores": result["row_scores"], "anchor_text": result.get("anchor", ""), "wall_s": row["wall_s"],
         })

@@ -16,9 +16,9 @@ import numpy as np
 
 from tell.report import below_majority, label_accuracy_of, label_counts_text, markdown_html
 
-SETTINGS = ("ratio", "anchor", "placement", "order", "lr")
+SETTINGS = ("ratio", "anchor", "placement", "order", "lr", "select")
 # The settings that can change each method's result (the sweep resets the others to defaults).
-RELEVANT = {"base": (), "base-anchor": ("anchor", "placement"), "sft": ("lr",),
+RELEVANT = {"base": (), "base-anchor": ("anchor", "placement", "select"), "sft": ("lr", "select"),
             "sft-matched": SETTINGS, "tell": SETTINGS, "general": SETTINGS}
 METHOD_ORDER = ("base", "base-anchor", "general", "sft", "sft-matched", "tell")
 
@@ -79,7 +79,7 @@ def _quantiles(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def curve_label(record: dict, varying: dict[str, set]) -> str:
     """Return the method plus the settings that vary among that method's cells."""
-    parts = [record["method"]] + [_setting(k, record[k]) for k in RELEVANT[record["method"]]
+    parts = [record["method"]] + [_setting(k, record.get(k)) for k in RELEVANT[record["method"]]
                                   if len(varying.get(record["method"], {}).get(k, ())) > 1]
     return ", ".join(parts)
 
@@ -94,7 +94,7 @@ def varying_settings(records: list[dict]) -> dict[str, dict[str, set]]:
     out = defaultdict(lambda: defaultdict(set))
     for r in records:
         for k in SETTINGS:
-            out[r["method"]][k].add(r[k])
+            out[r["method"]][k].add(r.get(k))  # .get: records written before a setting existed
     return out
 
 
@@ -237,12 +237,12 @@ def main_setting(records: list[dict]) -> dict:
     pool = [r for r in records if r["method"] == "general"] or [r for r in records if r["method"] == "tell"]
     if not pool:
         return {}
-    common = Counter(tuple(r[k] for k in SETTINGS) for r in pool).most_common(1)[0][0]
+    common = Counter(tuple(r.get(k) for k in SETTINGS) for r in pool).most_common(1)[0][0]
     return dict(zip(SETTINGS, common))
 
 
 def _matches(record: dict, setting: dict, skip: tuple = ()) -> bool:
-    return all(record[k] == v for k, v in setting.items() if k in RELEVANT[record["method"]] and k not in skip)
+    return all(record.get(k) == v for k, v in setting.items() if k in RELEVANT[record["method"]] and k not in skip)
 
 
 def plot_task_tokens(records, metric, path: Path, resamples: int) -> bool:
