@@ -216,7 +216,7 @@ def test_sharegpt_index_reads_elements_until_the_cut(tmp_path, monkeypatch, caps
         + ([(user("Last one?"), assistant("Yes, " + "long " * 30))] if complete else [])
     lines = text.splitlines()
     for e in pool:
-        assert lines[e.line - 1].strip() == "{" and f'"c' in lines[e.line]  # the element's opening line
+        assert lines[e.line - 1].strip() == "{" and '"c' in lines[e.line]  # the element's opening line
     assert pool[1].id == f"general:sharegpt.json:{pool[1].line}" and pool[-1] == list(pool)[-1]
     assert "elements read" in capsys.readouterr().err
     sharegpt_pool_of(path)
