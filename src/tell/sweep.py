@@ -37,6 +37,9 @@ AXES = {
 }
 # Settings that never change a cell's result, so they stay out of its key.
 NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
+# Settings added after sweeps had run: at these values (what every earlier cell ran with) they stay out of a
+# cell's key, so finished cells keep their keys and are not run again.
+ADDED_LATER = {"model.quantize": "none", "mix.general_tokens": 0, "train.gradient_checkpointing": False}
 DB_NAME = "sweep.sqlite"
 PROGRESS = "training.json"  # in cells/<key>/ while a cell trains: where its run is written (for --status)
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
@@ -137,6 +140,10 @@ def cell_key(cfg: RunConfig) -> str:
     for dotted in NOT_IN_KEY:
         section, _, name = dotted.partition(".")
         (values.get(section, {}).pop(name, None) if name else values.pop(section, None))
+    for dotted, unset in ADDED_LATER.items():
+        section, _, name = dotted.partition(".")
+        if values.get(section, {}).get(name) == unset:
+            values[section].pop(name)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
