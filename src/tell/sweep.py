@@ -44,9 +44,11 @@ DB_NAME = "sweep.sqlite"
 PROGRESS = "training.json"  # in cells/<key>/ while a cell trains: where its run is written (for --status)
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
-# Used for the time estimate until a cell has finished: measured on the 2-core CPU (MEASUREMENTS.md;
-# training: PERFORMANCE.md, 700-715 tok/s on the benchmark mix).
-DEFAULT_RATES = {"train_tok_s": 650.0, "eval_s_per_row": 1.9, "task_row_tokens": 550.0, "overhead_s": 15.0}
+# Used for the time estimate until a cell has finished: fp32 (dtype auto on every CPU) on a 2-core avx2-only CPU,
+# PERFORMANCE.md: training ~200 tok/s, generation 1.2-2.3 s a test row by batch size. (The avx512_bf16 machines
+# trained 700-715 tok/s in bf16; their fp32 rate is not measured, so this errs long there.) Finished cells
+# replace these with what they measured.
+DEFAULT_RATES = {"train_tok_s": 200.0, "eval_s_per_row": 2.0, "task_row_tokens": 550.0, "overhead_s": 15.0}
 # Mean SmolLM2 tokens per general row, rendered (until a finished cell measures it): Alpaca demo rows; ShareGPT
 # conversations cut at 2048 tokens as configs/scale.yaml does (1,483 uncut: 17,390 rows, 2.58e7 tokens).
 GENERAL_ROW_TOKENS = {"alpaca": 170.0, "sharegpt": 1358.0}
