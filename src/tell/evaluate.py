@@ -80,12 +80,10 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
 
 def _dtype_of(run: LoadedRun) -> str:
     """Return the dtype the answers were computed in (fp32, bf16, fp16), as a reader of metrics.json needs."""
-    from tell.model import DTYPES, resolved_dtype
-    names = {v: k for k, v in DTYPES.items()}
+    from tell.model import dtype_name, resolved_dtype
     if run.model is None:  # vLLM: the dtype it was given
-        return names[resolved_dtype(run.config.model)] if run.config else "auto"
-    dtype = getattr(run.model, "dtype", None) or next(run.model.parameters()).dtype
-    return names.get(dtype, str(dtype))
+        return dtype_name(resolved_dtype(run.config.model)) if run.config else "auto"
+    return dtype_name(getattr(run.model, "dtype", None) or next(run.model.parameters()).dtype)
 
 
 def write_eval(result: EvalResult, out_dir: str | Path) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from tell.config import ModelConfig
 from tell.data import TellInputError, cache_dir  # noqa: F401 - cache_dir is used here and re-exported
+from tell.hardware import DTYPE_NAMES, dtype_name  # noqa: F401 - dtype_name re-exported (one spelling of a dtype)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -102,7 +103,7 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # config spelling -> torch dtype
 
 
 def resolved_dtype(cfg: ModelConfig, device: torch.device | None = None) -> torch.dtype:
@@ -118,11 +119,6 @@ def resolved_dtype(cfg: ModelConfig, device: torch.device | None = None) -> torc
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Return the config spelling of a dtype (fp32, bf16, fp16)."""
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
