@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_kind  # noqa: E402  (one definition of the CPU kind for both benchmarks)
+from train_throughput import cpu_kind, peak_rss_gib  # noqa: E402  (one definition of each for both benchmarks)
 
 PARTS = ("loop", "tell", "tell_bf16", "loop_bf16")
 BF16_PARTS = ("tell_bf16", "loop_bf16")
-
-
-def peak_rss_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def test_rows(n: int):

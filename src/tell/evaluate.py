@@ -164,10 +164,9 @@ def general_loss(model, tokenizer, examples: list[Example], max_batch_tokens: in
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pack = can_pack(model)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for group in (packed_micro_batches if pack else micro_batches)(rows, max_batch_tokens):
-            losses, _ = token_losses(model, collate_packed(group, device) if pack else collate(group, pad_id, device))
-            total, count = total + float(losses.double().sum()), count + losses.numel()
+    for group in (packed_micro_batches if pack else micro_batches)(rows, max_batch_tokens):  # under inference_mode
+        losses, _ = token_losses(model, collate_packed(group, device) if pack else collate(group, pad_id, device))
+        total, count = total + float(losses.double().sum()), count + losses.numel()
     mean = total / max(count, 1)
     return {"general_loss": round(mean, 5), "general_ppl": round(math.exp(mean), 4),
             "general_loss_rows": len(examples), "general_loss_tokens": count}
