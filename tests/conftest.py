@@ -129,7 +129,7 @@ def write_sharegpt(path: Path, conversations: list[list[tuple[str, str]]]) -> Pa
 def sharegpt_pool_of(path: Path):
     """Return the IndexedPool of a ShareGPT-shaped file, its sha256 taken as the expected one."""
     import hashlib
-    from tell.data import indexed_pool
+    from tell.sharegpt import indexed_pool
     return indexed_pool(path, hashlib.sha256(path.read_bytes()).hexdigest(), name=path.stem)
 
 

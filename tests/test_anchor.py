@@ -140,7 +140,7 @@ def test_each_try_shows_other_rows_or_withholds_the_answers_seeded():
 
 def test_an_anchor_copying_a_target_is_rejected_then_written_again_or_falls_back():
     from tell.anchor import self_instruct_anchor
-    from tell.metrics import copied_span
+    from tell.diagnostics import copied_span
     rows = _rows(6)
     targets = [e.answer for e in rows]
     prompts = []
@@ -169,7 +169,7 @@ def test_the_tiny_model_writes_another_anchor_after_a_rejection(tiny_model_dir):
     from tell.anchor import self_instruct_anchor
     from tell.config import GenerateConfig, ModelConfig
     from tell.generate import generate_texts, load_for_generation, prompt_texts
-    from tell.metrics import copied_span, span_words
+    from tell.diagnostics import copied_span, span_words
     run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
     def generate(messages):

@@ -173,7 +173,7 @@ def test_json_list_with_bom_and_crlf_is_accepted():
 # --- the ShareGPT pool --------------------------------------------------------------------------------
 
 def test_sharegpt_conversations_are_cleaned():
-    from tell.data import sharegpt_messages
+    from tell.sharegpt import sharegpt_messages
     turns = [{"from": "system", "value": "*This chat conversation is shared from TypingMind.com*"},
              {"from": "gpt", "value": "…the end of a split conversation"},
              {"from": "human", "value": "Hi."}, {"from": "human", "value": "Are you there?"},
@@ -195,9 +195,9 @@ CONVERSATIONS = [[("human", "Ünïcödé? ✓"), ("gpt", "Ja — jà.")],
 @pytest.mark.parametrize("chunk_bytes", [7, 1 << 22])  # chunk edges inside elements and multi-byte characters
 @pytest.mark.parametrize("cut", ["inside", "between", "none"])
 def test_sharegpt_index_reads_elements_until_the_cut(tmp_path, monkeypatch, capsys, chunk_bytes, cut):
-    import tell.data
+    import tell.sharegpt
     from conftest import sharegpt_pool_of, write_sharegpt
-    monkeypatch.setattr(tell.data, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(tell.sharegpt, "_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache"))  # an index of its own
     path = write_sharegpt(tmp_path / "sharegpt.json", CONVERSATIONS)
     text = path.read_text(encoding="utf-8")
@@ -225,7 +225,7 @@ def test_sharegpt_index_reads_elements_until_the_cut(tmp_path, monkeypatch, caps
 
 def test_sharegpt_sha256_mismatch_is_an_error_naming_the_file(tmp_path):
     from conftest import write_sharegpt
-    from tell.data import indexed_pool
+    from tell.sharegpt import indexed_pool
     path = write_sharegpt(tmp_path / "sharegpt.json", CONVERSATIONS)
     with pytest.raises(TellInputError, match=r"sharegpt\.json: sha256 is [0-9a-f]{64}, not the expected 0{64}"):
         indexed_pool(path, "0" * 64)

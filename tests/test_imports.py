@@ -3,9 +3,10 @@
 Order: config → data → anchor → mix → model → train → generate → metrics → halu_targets → tasks → embed → select →
 evaluate → report (sweep_report: the report stage for sweeps; embed runs the model and select reads built-in task
 pools, so they come after tasks, while the chosen rows flow into anchor and mix through the experiments), then
-experiment, compare (an experiment built on experiment.py),
+experiment, resume and compare (experiments built on experiment.py),
 sweep and probe (experiments built on compare) and cli. config may import data, because
-TellInputError lives in data.py. A new module must be given its place in ORDER.
+TellInputError lives in data.py, and data may import sharegpt, the reader it hands the built-in name
+`sharegpt` to. A new module must be given its place in ORDER.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import pytest
 import tell
 
 SRC = Path(tell.__file__).parent
-ORDER = ["config", "hardware", "data", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics", "halu_targets", "task_files", "tasks", "embed", "select", "evaluate",
-         "report", "sweep_report", "experiment", "compare", "sweep", "probe", "cli"]
-ALLOWED = {("config", "data")}
+ORDER = ["config", "hardware", "data", "sharegpt", "anchor", "mix", "model", "checkpoint", "packing", "fused_lora",
+         "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics", "diagnostics",
+         "halu_targets", "task_files", "tasks", "embed", "select", "evaluate", "report", "sweep_stats", "sweep_report",
+         "experiment", "resume", "compare", "sweep_store", "sweep", "probe", "cli"]
+ALLOWED = {("config", "data"), ("data", "sharegpt")}
 
 
 def tell_imports(path: Path) -> set[str]:

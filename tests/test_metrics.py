@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tell import metrics
+from tell import diagnostics, metrics
 from tell.metrics import HALU_SCHEMA, parse_lenient, parse_strict
 
 GOOD = '{"thought": "The response is consistent.", "hallucination": "no"}'
@@ -183,10 +183,10 @@ def test_json_schema_scores_user_schema():
 # --- diagnostics: judging or copying -----------------------------------------------------------
 
 def test_span_words_split_whitespace_and_json_escapes_and_strip_punctuation():
-    assert metrics.span_words('{"thought": "The Response\\nsays \\"Yes\\" — ok."}') == \
+    assert diagnostics.span_words('{"thought": "The Response\\nsays \\"Yes\\" — ok."}') == \
         ["thought", "the", "response", "says", "yes", "—", "ok"]
-    assert metrics.span_words("  ") == [] and metrics.span_words("### Task:") == ["###", "task"]
-    assert metrics.token_spans("a b c", 2) == {("a", "b"), ("b", "c")} and metrics.token_spans("a b", 3) == set()
+    assert diagnostics.span_words("  ") == [] and diagnostics.span_words("### Task:") == ["###", "task"]
+    assert diagnostics.token_spans("a b c", 2) == {("a", "b"), ("b", "c")} and diagnostics.token_spans("a b", 3) == set()
 
 
 ANCHOR_TEXT = "The output should be a thought field, formatted as shown in the examples."  # 13 words
@@ -199,12 +199,12 @@ def test_anchor_copy_rate_by_hand():
         "formatted as shown in the examples. The output should",  # 6 + 3 across the seam: not one span
         "nothing alike",
     ]
-    assert metrics.copy_rate(outputs, [ANCHOR_TEXT]) == pytest.approx(1 / 4)
-    assert metrics.copy_rate(outputs, [ANCHOR_TEXT], n=7) == pytest.approx(2 / 4)
-    assert metrics.copy_rate(outputs, []) == 0.0 and metrics.copy_rate([], [ANCHOR_TEXT]) == 0.0
-    assert metrics.copy_rate(outputs, ["too short to copy"]) == 0.0
-    assert metrics.copied_span(outputs[0], [ANCHOR_TEXT]) == "the output should be a thought field formatted"
-    assert metrics.copied_span(outputs[1], [ANCHOR_TEXT]) is None
+    assert diagnostics.copy_rate(outputs, [ANCHOR_TEXT]) == pytest.approx(1 / 4)
+    assert diagnostics.copy_rate(outputs, [ANCHOR_TEXT], n=7) == pytest.approx(2 / 4)
+    assert diagnostics.copy_rate(outputs, []) == 0.0 and diagnostics.copy_rate([], [ANCHOR_TEXT]) == 0.0
+    assert diagnostics.copy_rate(outputs, ["too short to copy"]) == 0.0
+    assert diagnostics.copied_span(outputs[0], [ANCHOR_TEXT]) == "the output should be a thought field formatted"
+    assert diagnostics.copied_span(outputs[1], [ANCHOR_TEXT]) is None
 
 
 def test_target_copy_rate_sees_through_json_escapes():
@@ -214,15 +214,15 @@ def test_target_copy_rate_sees_through_json_escapes():
     outputs = [target, plain, '{"thought": "It replies \\"The Nile is long\\".", "hallucination": "no"}']
     # row 0 is the target itself; row 1 shares "name a river it replies the nile is" (8 words);
     # row 2 shares only "it replies the nile is long hallucination no" around the JSON seam: also 8
-    assert [metrics.copy_rate([o], [target]) for o in outputs] == [1.0, 1.0, 1.0]
-    assert metrics.copy_rate(["Name a river, please. The Nile is long."], [target]) == 0.0
+    assert [diagnostics.copy_rate([o], [target]) for o in outputs] == [1.0, 1.0, 1.0]
+    assert diagnostics.copy_rate(["Name a river, please. The Nile is long."], [target]) == 0.0
 
 
 def test_distinct_output_fraction_and_majority_baseline():
-    assert metrics.distinct_output_fraction(["a", " a\n", "b", "c"]) == pytest.approx(3 / 4)
-    assert metrics.distinct_output_fraction([]) == 0.0
-    assert metrics.majority_baseline(["no", "no", "yes"]) == pytest.approx(2 / 3)
-    assert metrics.majority_baseline([]) == 0.0
+    assert diagnostics.distinct_output_fraction(["a", " a\n", "b", "c"]) == pytest.approx(3 / 4)
+    assert diagnostics.distinct_output_fraction([]) == 0.0
+    assert diagnostics.majority_baseline(["no", "no", "yes"]) == pytest.approx(2 / 3)
+    assert diagnostics.majority_baseline([]) == 0.0
 
 
 def test_halu_label_diagnostics_count_labels_as_the_schema_spells_them():
@@ -231,29 +231,29 @@ def test_halu_label_diagnostics_count_labels_as_the_schema_spells_them():
                '{"thought": "t", "hallucination": "yes", "extra": 1}',  # a valid label in an invalid answer
                '{"thought": "t", "hallucination": true}']
     gold = ["yes", "no", "yes", "no", "no", "yes", "no"]
-    d = metrics.halu_label_diagnostics(outputs, gold)
+    d = diagnostics.halu_label_diagnostics(outputs, gold)
     assert d == {"majority_baseline": pytest.approx(4 / 7),
                  "predicted_label_counts": {"yes": 1, "no": 1, "Yes": 2, "none": 3}}
     assert list(d["predicted_label_counts"]) == ["yes", "no", "Yes", "none"]
     # "yes"/"no" count exactly the rows label_accuracy scores
     scores = metrics.halu_json_scores(outputs, gold)
     assert scores["label_accuracy"] == pytest.approx(2 / 7) and scores["label_accuracy"] < d["majority_baseline"]
-    assert metrics.halu_label_diagnostics([], [])["predicted_label_counts"] == {"yes": 0, "no": 0, "none": 0}
+    assert diagnostics.halu_label_diagnostics([], [])["predicted_label_counts"] == {"yes": 0, "no": 0, "none": 0}
     sentence = '{"thought": "t", "hallucination": "2. The relationship between them is complex."}'
-    assert metrics.halu_counted_label(sentence) == "2. The relationship betw…"
+    assert diagnostics.halu_counted_label(sentence) == "2. The relationship betw…"
 
 
 def test_exact_label_diagnostics():
-    d = metrics.exact_label_diagnostics([" spam", "ham", "Spam", "eggs"], ["spam", "spam ", "ham", "spam"])
+    d = diagnostics.exact_label_diagnostics([" spam", "ham", "Spam", "eggs"], ["spam", "spam ", "ham", "spam"])
     assert d == {"majority_baseline": pytest.approx(3 / 4),
                  "predicted_label_counts": {"ham": 1, "spam": 1, "none": 2}}
 
 
 def test_output_diagnostics_keys_follow_what_is_known():
     outputs = ["same answer", "same answer", "other"]
-    assert metrics.output_diagnostics(outputs) == {"distinct_output_fraction": pytest.approx(2 / 3)}
-    known = metrics.output_diagnostics(outputs, anchor="", targets=[])
+    assert diagnostics.output_diagnostics(outputs) == {"distinct_output_fraction": pytest.approx(2 / 3)}
+    known = diagnostics.output_diagnostics(outputs, anchor="", targets=[])
     assert known == {"distinct_output_fraction": pytest.approx(2 / 3), "anchor_copy_rate": 0.0,
                      "target_copy_rate": 0.0}
-    copied = metrics.output_diagnostics([ANCHOR_TEXT, "x"], anchor=ANCHOR_TEXT, targets=["x y"])
+    copied = diagnostics.output_diagnostics([ANCHOR_TEXT, "x"], anchor=ANCHOR_TEXT, targets=["x y"])
     assert copied["anchor_copy_rate"] == 0.5 and copied["target_copy_rate"] == 0.0

@@ -150,7 +150,8 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
 
 def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):
     from tell.config import load_config
-    from tell.experiment import partial_differs, prepare_mix, resume_or_train
+    from tell.experiment import prepare_mix
+    from tell.resume import partial_differs, resume_or_train
     cfg = load_config(overrides={"data.task": str(FIXTURES / "alpaca.jsonl"), "model.name": str(tiny_model_dir),
                                  "data.general": str(FIXTURES / "general.jsonl"), "mix.ratio": "2",
                                  "train.batch_size": 4, "out": str(tmp_path / "run")})

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from tell.sweep_report import efficiency, markdown_html, render_sweep_report, resampled_means, tokens_to_reach
+from tell.sweep_report import markdown_html, render_sweep_report
+from tell.sweep_stats import efficiency, resampled_means, tokens_to_reach
 
 N_ROWS = 40
 

@@ -84,7 +84,7 @@ def test_no_thought_quotes_the_query_and_the_key_sentence():
 
 def test_fixed_phrases_are_short_so_no_span_is_shared_by_every_target():
     from tell import halu_targets
-    from tell.metrics import SPAN_TOKENS, span_words
+    from tell.diagnostics import SPAN_TOKENS, span_words
     for name in ("ASKS", "SAYS", "CONSISTENT", "CLAIMS", "WRONG", "NOTED"):
         assert all(len(span_words(p)) <= 4 for p in getattr(halu_targets, name)), name
     # 2 JSON words ('"hallucination": "no"}') + a closing phrase still leave room for row words in any span
@@ -94,7 +94,7 @@ def test_fixed_phrases_are_short_so_no_span_is_shared_by_every_target():
 def test_no_targets_over_the_pool_are_distinct_and_share_no_common_span(pool_rows):
     """The distribution the issue asks for: distinct "no" thoughts and the most shared 8-word span."""
     from collections import Counter
-    from tell.metrics import token_spans
+    from tell.diagnostics import token_spans
     answers = [json.loads(e.answer) for e in tasks.halu_train_pool().examples]
     no = [a["thought"] for a in answers if a["hallucination"] == "no"]
     assert len(set(no)) == len(no) > 2000

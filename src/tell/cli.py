@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args, extra) -> int:
     from tell import experiment
+    from tell.resume import resume_train
     experiment.check_single_process(args.verb)
     if args.verb in ("sweep", "report"):
         return _dispatch_sweep(args, extra)
@@ -304,7 +305,7 @@ def _dispatch(args, extra) -> int:
         out = experiment.run_mix(cfg, args.overwrite)
         print(f"[tell] mix written to {out}/mix.jsonl and {out}/manifest.json")
     elif args.verb == "train":
-        result = experiment.resume_train(args.resume) if args.resume else experiment.run_train(cfg, args.overwrite)
+        result = resume_train(args.resume) if args.resume else experiment.run_train(cfg, args.overwrite)
         if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
             return 0
         print(f"[tell] run written to {args.resume or cfg.out}: {result.optimizer_steps} steps, "

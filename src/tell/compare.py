@@ -20,8 +20,8 @@ from pathlib import Path
 from tell.config import RunConfig, config_dict, dump_config
 from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct,
-                             resume_or_train, run_train, staged_output, task_from_config, task_selection,
-                             test_rows_from_config)
+                             run_train, staged_output, task_from_config, task_selection, test_rows_from_config)
+from tell.resume import resume_or_train
 from tell.generate import usable_backend
 from tell.hardware import machine
 from tell.model import cache_dir, pick_device, shared_base

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tell import metrics as task_metrics
+from tell.diagnostics import output_diagnostics
 from tell.config import GenerateConfig
 from tell.data import Example, TellInputError, read_records
 from tell.generate import LoadedRun, answer_texts, generation_path, prompt_texts
@@ -102,11 +102,11 @@ def write_eval(result: EvalResult, out_dir: str | Path) -> None:
 def diagnostics(task: Task, outputs: list[str], references: list[str], anchor: str | None,
                 targets: list[str] | None) -> dict:
     """Return the diagnostics of a set of answers: the task's label diagnostics (``majority_baseline``,
-    ``predicted_label_counts``; none for a label-free task) and metrics.output_diagnostics
+    ``predicted_label_counts``; none for a label-free task) and diagnostics.output_diagnostics
     (``distinct_output_fraction``, ``anchor_copy_rate`` if the anchor is known, ``target_copy_rate`` if
     the training targets are)."""
     labels = task.label_diagnostics(outputs, references) if task.label_diagnostics else {}
-    return {**labels, **task_metrics.output_diagnostics(outputs, anchor, targets)}
+    return {**labels, **output_diagnostics(outputs, anchor, targets)}
 
 
 def training_targets(run_dir: str | Path | None) -> list[str] | None:

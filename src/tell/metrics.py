@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import string
-from collections import Counter
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -129,14 +127,14 @@ def bootstrap_ci(values_or_stat: Sequence[float] | Callable[[np.ndarray], float]
     return [float(low), float(high)]
 
 
-def _check_lengths(outputs: Sequence[str], references: Sequence[str]) -> None:
+def check_lengths(outputs: Sequence[str], references: Sequence[str]) -> None:
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
 
 
 # --- Halu-CoT-JSON ----------------------------------------------------------------------------
 
-def _gold_label(reference: str) -> str:
+def gold_label(reference: str) -> str:
     return reference.strip().lower()
 
 
@@ -145,14 +143,14 @@ def halu_json_row_details(output: str, reference: str) -> dict:
     adherent), ``gold`` label and ``correct`` (lenient-adherent and predicted == gold)."""
     lenient = parse_lenient(output, HALU_SCHEMA)
     predicted = lenient["hallucination"] if lenient is not None else None
-    gold = _gold_label(reference)
+    gold = gold_label(reference)
     return {"strict": parse_strict(output, HALU_SCHEMA) is not None, "lenient": lenient is not None,
             "predicted": predicted, "gold": gold, "correct": predicted == gold}
 
 
 def halu_json_row_scores(outputs: Sequence[str], references: Sequence[str]) -> list[float]:
     """Return 1.0 per row that is lenient-adherent with the gold label, else 0.0."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     return [float(halu_json_row_details(o, r)["correct"]) for o, r in zip(outputs, references)]
 
 
@@ -190,7 +188,7 @@ def halu_json_scores(outputs: Sequence[str], references: Sequence[str], *,
     (0.0 when there are none); ``ci95``: percentile-bootstrap ``[low, high]`` for the adherence
     rates, label_accuracy and label_f1. All values are fractions in [0, 1].
     """
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     rows = [halu_json_row_details(o, r) for o, r in zip(outputs, references)]
     strict = np.array([r["strict"] for r in rows], dtype=bool)
     lenient = np.array([r["lenient"] for r in rows], dtype=bool)
@@ -247,7 +245,7 @@ def translation_scores(outputs: Sequence[str], references: Sequence[str], *,
     ``chrf_signature``/``bleu_signature``: sacrebleu's reproducibility strings; ``ci95``: bootstrap
     ``[low, high]`` for chrf and bleu, resampling rows and recomputing the corpus score.
     """
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     outputs, references = list(outputs), list(references)
     scores: dict = {"n": len(outputs), "ci95": {}}
     for name, metric in _corpus_metrics().items():
@@ -263,7 +261,7 @@ def translation_scores(outputs: Sequence[str], references: Sequence[str], *,
 def translation_row_scores(outputs: Sequence[str], references: Sequence[str],
                            metric: str = "chrf") -> list[float]:
     """Return per-row sentence chrF++ (or sentence BLEU with effective order), on the 0-100 scale."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     scorers = {"chrf": CHRF(word_order=2), "bleu": BLEU(effective_order=True)}
     scorer = scorers[metric]
     return [float(scorer.sentence_score(o, [r]).score) for o, r in zip(outputs, references)]
@@ -278,7 +276,7 @@ def _rate_scores(key: str, values: list[float], n_resamples: int, seed: int) -> 
 
 def exact_row_scores(outputs: Sequence[str], references: Sequence[str]) -> list[float]:
     """Return 1.0 per row whose output equals the reference after stripping surrounding whitespace."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     return [float(o.strip() == r.strip()) for o, r in zip(outputs, references)]
 
 
@@ -291,7 +289,7 @@ def exact_scores(outputs: Sequence[str], references: Sequence[str], *,
 def regex_row_scores(outputs: Sequence[str], references: Sequence[str], pattern: str) -> list[float]:
     """Return 1.0 per row where ``re.search(pattern, output)`` finds a match anywhere; the
     references are not used (anchor the pattern with ^...$ to demand a whole-output match)."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     compiled = re.compile(pattern)
     return [float(compiled.search(o) is not None) for o in outputs]
 
@@ -304,14 +302,14 @@ def regex_scores(outputs: Sequence[str], references: Sequence[str], pattern: str
 
 def json_schema_row_scores(outputs: Sequence[str], references: Sequence[str], schema: dict) -> list[float]:
     """Return 1.0 per lenient-adherent row (see parse_lenient); the references are not used."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     return [float(parse_lenient(o, schema) is not None) for o in outputs]
 
 
 def json_schema_scores(outputs: Sequence[str], references: Sequence[str], schema: dict, *,
                        n_resamples: int = HALU_RESAMPLES, seed: int = 0) -> dict:
     """Return ``n``, ``json_adherence_strict``, ``json_adherence_lenient`` and their ``ci95``."""
-    _check_lengths(outputs, references)
+    check_lengths(outputs, references)
     strict = [float(parse_strict(o, schema) is not None) for o in outputs]
     lenient = json_schema_row_scores(outputs, references, schema)
     ci = {"n_resamples": n_resamples, "seed": seed}
@@ -320,129 +318,3 @@ def json_schema_scores(outputs: Sequence[str], references: Sequence[str], schema
             "json_adherence_lenient": _safe_div(sum(lenient), len(lenient)),
             "ci95": {"json_adherence_strict": bootstrap_ci(strict, **ci),
                      "json_adherence_lenient": bootstrap_ci(lenient, **ci)}}
-
-
-# --- diagnostics: is the model judging, or copying? -------------------------------------------
-
-SPAN_TOKENS = 8
-# Whitespace and the JSON escapes \n \r \t both separate words: a target is stored JSON-escaped,
-# an anchor is plain text, and a copy of either may come out either way.
-_WORD_SPLIT = re.compile(r"(?:\s|\\[nrt])+")
-_WORD_EDGES = string.punctuation + "“”‘’«»…"
-NO_LABEL = "none"
-LABEL_KEY_CHARS = 24  # an out-of-schema label is counted as written, up to this many characters
-
-
-def span_words(text: str) -> list[str]:
-    """Return the tokens that copy spans are counted in: the whitespace-separated words of `text`.
-
-    A word is what ``str.split`` gives, with the JSON escapes ``\\n``, ``\\r``, ``\\t`` also splitting;
-    it is lowercased and stripped of surrounding punctuation and quotes (so ``"The`` in an anchor and
-    ``\\"the`` in a JSON string are one word); a word of punctuation only is kept as it is. No model
-    tokenizer is involved, so ``tell score`` (no model loaded) counts exactly what ``compare`` counts.
-    """
-    return [w.strip(_WORD_EDGES).lower() or w for w in _WORD_SPLIT.split(text) if w]
-
-
-def token_spans(text: str, n: int = SPAN_TOKENS) -> set[tuple[str, ...]]:
-    """Return every run of `n` consecutive span_words of `text` (none when it has fewer words)."""
-    words = span_words(text)
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def copy_rate(outputs: Sequence[str], sources: Sequence[str], n: int = SPAN_TOKENS) -> float:
-    """Return the fraction of `outputs` that contain an `n`-word span (see span_words) of any text in
-    `sources`; 0.0 when there are no outputs or no source has `n` words."""
-    spans = set().union(*(token_spans(s, n) for s in sources)) if sources else set()
-    if not outputs or not spans:
-        return 0.0
-    return _safe_div(sum(bool(token_spans(o, n) & spans) for o in outputs), len(outputs))
-
-
-def copied_span(text: str, sources: Sequence[str], n: int = SPAN_TOKENS) -> str | None:
-    """Return the first `n`-word span of `text` that also occurs in a source (its span_words joined by
-    spaces), or None when `text` copies no such span."""
-    spans = set().union(*(token_spans(s, n) for s in sources)) if sources else set()
-    words = span_words(text)
-    return next((" ".join(words[i:i + n]) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in spans),
-                None)
-
-
-def distinct_output_fraction(outputs: Sequence[str]) -> float:
-    """Return distinct outputs ÷ rows (outputs compared after stripping surrounding whitespace).
-
-    1.0: every row got its own answer; 1/n: one answer for every row, whatever the input.
-    """
-    return _safe_div(len({o.strip() for o in outputs}), len(outputs))
-
-
-def majority_baseline(gold: Sequence[str]) -> float:
-    """Return the accuracy of always answering the most frequent gold label (0.0 for no rows)."""
-    counts = Counter(gold)
-    return _safe_div(max(counts.values()), len(gold)) if counts else 0.0
-
-
-def label_counts(predicted: Sequence[str | None], labels: Sequence[str]) -> dict[str, int]:
-    """Return how often each label was predicted: every label in `labels` (0 if never), then any other
-    value as written (most frequent first), then ``"none"`` for rows without a label (None)."""
-    counts = Counter(NO_LABEL if p is None else p for p in predicted)
-    out = {label: counts.pop(label, 0) for label in labels}
-    none = counts.pop(NO_LABEL, 0)
-    return {**out, **dict(counts.most_common()), NO_LABEL: none}
-
-
-def halu_counted_label(output: str) -> str | None:
-    """Return the label an output gives, as predicted_label_counts counts it.
-
-    ``yes``/``no``: the output is lenient-adherent (see parse_lenient) with that label — exactly the
-    rows label_accuracy scores. Labels compare case-sensitively, as HALU_SCHEMA's enum does: when the
-    first JSON object of a non-adherent output has a string ``hallucination`` outside the enum, that
-    string is returned as written (``"Yes"`` is its own label, scored wrong; a longer one than
-    LABEL_KEY_CHARS is cut there, with "…"). Else None (no label).
-    """
-    adherent = parse_lenient(output, HALU_SCHEMA)
-    if adherent is not None:
-        return adherent["hallucination"]
-    obj = first_json_object(output)
-    value = obj.get("hallucination") if obj is not None else None
-    enum = HALU_SCHEMA["properties"]["hallucination"]["enum"]
-    if not isinstance(value, str) or value in enum:
-        return None
-    return value if len(value) <= LABEL_KEY_CHARS else value[:LABEL_KEY_CHARS] + "…"
-
-
-def halu_label_diagnostics(outputs: Sequence[str], references: Sequence[str]) -> dict:
-    """Return ``majority_baseline`` (of the gold labels) and ``predicted_label_counts`` (see
-    halu_counted_label: keys ``yes``, ``no``, any out-of-schema label as written, then ``none``)."""
-    _check_lengths(outputs, references)
-    labels = HALU_SCHEMA["properties"]["hallucination"]["enum"]
-    return {"majority_baseline": majority_baseline([_gold_label(r) for r in references]),
-            "predicted_label_counts": label_counts([halu_counted_label(o) for o in outputs], labels)}
-
-
-def exact_label_diagnostics(outputs: Sequence[str], references: Sequence[str]) -> dict:
-    """Return ``majority_baseline`` and ``predicted_label_counts`` of an exact-match task, each distinct
-    stripped reference being a label (case-sensitive, as exact_match is); an output equal to no label
-    counts as ``none``."""
-    _check_lengths(outputs, references)
-    gold = [r.strip() for r in references]
-    labels = sorted(set(gold))
-    return {"majority_baseline": majority_baseline(gold),
-            "predicted_label_counts": label_counts([o.strip() if o.strip() in labels else None
-                                                    for o in outputs], labels)}
-
-
-def output_diagnostics(outputs: Sequence[str], anchor: str | None = None,
-                       targets: Sequence[str] | None = None) -> dict:
-    """Return the label-free diagnostics of a set of outputs.
-
-    ``distinct_output_fraction`` always; ``anchor_copy_rate`` (outputs with an 8-word span of `anchor`,
-    see copy_rate; 0.0 for an empty anchor) when the anchor is known; ``target_copy_rate`` (outputs with
-    an 8-word span of any training target) when the training targets are known.
-    """
-    out = {"distinct_output_fraction": distinct_output_fraction(outputs)}
-    if anchor is not None:
-        out["anchor_copy_rate"] = copy_rate(outputs, [anchor])
-    if targets is not None:
-        out["target_copy_rate"] = copy_rate(outputs, list(targets))
-    return out

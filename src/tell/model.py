@@ -6,6 +6,7 @@ cached as safetensors under ``$TELL_CACHE`` (default ``~/.cache/tell``), so late
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -167,12 +168,27 @@ def load_model(cfg: ModelConfig):
     check_quantize(cfg)
     from transformers import AutoModelForCausalLM
     extra = {"quantization_config": four_bit_config(dtype)} if cfg.quantize == "4bit" else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, **extra)
+    with _no_loading_bar():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, **extra)
     keep_rotary_fp32(model)
     model.eval()
     if _SHARED is not None:
         _SHARED[key] = (model, _snapshot(model))
     return model, load_tokenizer(cfg.name)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' per-load "Loading weights" bar: a local load takes about a second, and a compare or
+    sweep loads the base once per arm, which filled logs with bars."""
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def keep_rotary_fp32(model) -> int:

@@ -12,20 +12,17 @@ import copy
 import hashlib
 import itertools
 import json
-import os
 import shutil
-import socket
-import sqlite3
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tell.config import (ARMS, AnchorConfig, RunConfig, apply_overrides, config_dict, config_from_dict,
                          flat_fields, load_yaml_overrides, validate)
 from tell.data import TellInputError
+from tell.sweep_store import DB_NAME, claim, fail, finish, open_store, planned_cells, recover_stale, register
 
 # Short axis names → the config keys each sets; any dotted config key is an axis too.
 AXES = {
@@ -40,7 +37,6 @@ NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
 # Settings added after sweeps had run: at these values (what every earlier cell ran with) they stay out of a
 # cell's key, so finished cells keep their keys and are not run again.
 ADDED_LATER = {"model.quantize": "none", "mix.general_tokens": 0, "train.gradient_checkpointing": False}
-DB_NAME = "sweep.sqlite"
 PROGRESS = "training.json"  # in cells/<key>/ while a cell trains: where its run is written (for --status)
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
@@ -52,14 +48,6 @@ DEFAULT_RATES = {"train_tok_s": 200.0, "eval_s_per_row": 2.0, "task_row_tokens":
 # Mean SmolLM2 tokens per general row, rendered (until a finished cell measures it): Alpaca demo rows; ShareGPT
 # conversations cut at 2048 tokens as configs/scale.yaml does (1,483 uncut: 17,390 rows, 2.58e7 tokens).
 GENERAL_ROW_TOKENS = {"alpaca": 170.0, "sharegpt": 1358.0}
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cells (
-  key TEXT PRIMARY KEY, label TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
-  result TEXT, error TEXT, pid INTEGER, host TEXT, started REAL, finished REAL, wall_s REAL,
-  attempts INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS plan (key TEXT PRIMARY KEY, position INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -199,83 +187,6 @@ def expand_grid(base: RunConfig, grids: list[dict[str, list]]) -> list[Cell]:
                 seen.add(key)
                 cells.append(Cell(key, cell_label(cfg), cfg))
     return cells
-
-
-# --- store -----------------------------------------------------------------------------------------
-
-def open_store(path: str | Path) -> sqlite3.Connection:
-    """Return a connection to the sweep database (created if missing); autocommit, explicit transactions."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.executescript(SCHEMA)
-    return conn
-
-
-def register(conn: sqlite3.Connection, cells: list[Cell], settings: dict | None = None) -> None:
-    """Add new cells as pending (known cells keep their state), make `cells` the sweep's plan and keep the
-    sweep settings (metric, resamples) for the report."""
-    with _transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
-        conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
-                         [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
-        conn.execute("DELETE FROM plan")
-        conn.executemany("INSERT INTO plan (key, position) VALUES (?, ?)", [(c.key, i) for i, c in enumerate(cells)])
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection):
-    """Hold the database's write lock for the block (BEGIN IMMEDIATE), so two sweeps never claim one cell."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _alive(pid: int | None) -> bool:
-    try:
-        return bool(pid) and os.kill(pid, 0) is None
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-
-
-def recover_stale(conn: sqlite3.Connection) -> int:
-    """Return how many 'running' cells of dead processes on this host were put back to pending."""
-    host = socket.gethostname()
-    stale = [r["key"] for r in conn.execute("SELECT key, pid FROM cells WHERE status = 'running' AND host = ?",
-                                            (host,)) if not _alive(r["pid"])]
-    for key in stale:
-        conn.execute("UPDATE cells SET status = 'pending', error = 'interrupted: its process died' "
-                     "WHERE key = ? AND status = 'running'", (key,))
-    return len(stale)
-
-
-def claim(conn: sqlite3.Connection, key: str) -> bool:
-    """Mark a pending or failed cell as running by this process; return False if another took it first."""
-    with _transaction(conn):
-        cursor = conn.execute("UPDATE cells SET status = 'running', pid = ?, host = ?, started = ?, error = NULL, "
-                              "attempts = attempts + 1 WHERE key = ? AND status IN ('pending', 'failed')",
-                              (os.getpid(), socket.gethostname(), time.time(), key))
-    return cursor.rowcount == 1
-
-
-def finish(conn: sqlite3.Connection, key: str, result: dict, wall_s: float) -> None:
-    conn.execute("UPDATE cells SET status = 'done', result = ?, finished = ?, wall_s = ?, pid = NULL "
-                 "WHERE key = ?", (json.dumps(result), time.time(), round(wall_s, 2), key))
-
-
-def fail(conn: sqlite3.Connection, key: str, error: str, status: str = "failed") -> None:
-    conn.execute("UPDATE cells SET status = ?, error = ?, pid = NULL WHERE key = ?", (status, error, key))
-
-
-def planned_cells(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Return the rows of the current plan's cells, in plan order."""
-    return list(conn.execute("SELECT cells.* FROM plan JOIN cells USING (key) ORDER BY plan.position"))
 
 
 # --- running ---------------------------------------------------------------------------------------

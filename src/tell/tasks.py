@@ -19,7 +19,7 @@ from typing import Callable, Sequence, TypeVar
 
 import jsonschema
 
-from tell import metrics
+from tell import diagnostics, metrics
 from tell.data import DATASETS_DIR, Example, FieldMap, TellInputError, read_records, record_to_messages
 from tell.halu_targets import halu_thought
 from tell.task_files import RowFormat, file_digest, read_test_file
@@ -217,7 +217,7 @@ def _halu_task(test_file: str | Path | None = None) -> Task:
         score=metrics.halu_json_scores,
         row_scores=metrics.halu_json_row_scores,
         max_new_tokens=192,
-        label_diagnostics=metrics.halu_label_diagnostics,
+        label_diagnostics=diagnostics.halu_label_diagnostics,
     )
 
 
@@ -395,7 +395,7 @@ def _user_task(name: str, test_file: str | Path, metric: str | None, schema_file
     return Task(name=name, train_examples=train_examples,
                 test_rows=lambda limit, seed: seeded_sample(tests, limit, seed),
                 score=score, row_scores=row_scores, max_new_tokens=USER_MAX_NEW_TOKENS[metric],
-                label_diagnostics=metrics.exact_label_diagnostics if metric == "exact" else None)
+                label_diagnostics=diagnostics.exact_label_diagnostics if metric == "exact" else None)
 
 
 def _user_train_pool(name: str, train_file, tests: Sequence[TestRow]) -> tuple[Example, ...]:

@@ -1,0 +1,102 @@
+"""Experiment helper — the sweep's store: one SQLite row per cell, claimed, finished or failed atomically.
+
+In: a sweep's cells (key, label, resolved config). Out: ``sweep.sqlite`` with the cells' state, results and
+timings, the current plan's order and the sweep's settings. Every state change is one transaction, so two
+`tell sweep` processes never run the same cell, and a cell whose process died goes back to pending.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tell.config import config_dict
+
+DB_NAME = "sweep.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+  key TEXT PRIMARY KEY, label TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+  result TEXT, error TEXT, pid INTEGER, host TEXT, started REAL, finished REAL, wall_s REAL,
+  attempts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS plan (key TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def open_store(path: str | Path) -> sqlite3.Connection:
+    """Return a connection to the sweep database (created if missing); autocommit, explicit transactions."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def register(conn: sqlite3.Connection, cells: list, settings: dict | None = None) -> None:
+    """Add new cells (sweep.Cell: key, label, cfg) as pending (known cells keep their state), make `cells` the sweep's plan and keep the
+    sweep settings (metric, resamples) for the report."""
+    with _transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
+        conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
+                         [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
+        conn.execute("DELETE FROM plan")
+        conn.executemany("INSERT INTO plan (key, position) VALUES (?, ?)", [(c.key, i) for i, c in enumerate(cells)])
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection):
+    """Hold the database's write lock for the block (BEGIN IMMEDIATE), so two sweeps never claim one cell."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _alive(pid: int | None) -> bool:
+    try:
+        return bool(pid) and os.kill(pid, 0) is None
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+
+
+def recover_stale(conn: sqlite3.Connection) -> int:
+    """Return how many 'running' cells of dead processes on this host were put back to pending."""
+    host = socket.gethostname()
+    stale = [r["key"] for r in conn.execute("SELECT key, pid FROM cells WHERE status = 'running' AND host = ?",
+                                            (host,)) if not _alive(r["pid"])]
+    for key in stale:
+        conn.execute("UPDATE cells SET status = 'pending', error = 'interrupted: its process died' "
+                     "WHERE key = ? AND status = 'running'", (key,))
+    return len(stale)
+
+
+def claim(conn: sqlite3.Connection, key: str) -> bool:
+    """Mark a pending or failed cell as running by this process; return False if another took it first."""
+    with _transaction(conn):
+        cursor = conn.execute("UPDATE cells SET status = 'running', pid = ?, host = ?, started = ?, error = NULL, "
+                              "attempts = attempts + 1 WHERE key = ? AND status IN ('pending', 'failed')",
+                              (os.getpid(), socket.gethostname(), time.time(), key))
+    return cursor.rowcount == 1
+
+
+def finish(conn: sqlite3.Connection, key: str, result: dict, wall_s: float) -> None:
+    conn.execute("UPDATE cells SET status = 'done', result = ?, finished = ?, wall_s = ?, pid = NULL "
+                 "WHERE key = ?", (json.dumps(result), time.time(), round(wall_s, 2), key))
+
+
+def fail(conn: sqlite3.Connection, key: str, error: str, status: str = "failed") -> None:
+    conn.execute("UPDATE cells SET status = ?, error = ?, pid = NULL WHERE key = ?", (status, error, key))
+
+
+def planned_cells(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Return the rows of the current plan's cells, in plan order."""
+    return list(conn.execute("SELECT cells.* FROM plan JOIN cells USING (key) ORDER BY plan.position"))
