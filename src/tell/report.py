@@ -255,7 +255,8 @@ def _same_as_base_note(results: dict) -> str:
     if not same:
         return ""
     return (f"\n**{', '.join(f'`{a}`' for a in same)}: the trained adapter is exactly zero** (every LoRA B matrix "
-            "is still 0 — with batch 16 and warmup 0.03, 15 rows make one optimizer step at learning rate 0), so "
+            "is still 0 — as in the paper's SFT on a few rows: with batch 16 and warmup 0.03 they make one optimizer "
+            "step, inside warmup, at learning rate 0), so "
             "the arm is the base model: its answers and losses are the base model's, generated once and reused.")
 
 
