@@ -54,14 +54,13 @@ def main() -> None:
     parser.add_argument("--plain", type=int, default=0, help="also time this many rows without the shared prefix")
     args = parser.parse_args()
     import torch
-    from tell import embed
     from tell.config import ModelConfig
-    from tell.generate import load_for_generation
+    from tell.generate import common_prefix_length, load_for_generation
     from tell.hardware import cpu_label, machine
     run = load_for_generation(None, ModelConfig())
     texts = halu_texts(args.rows, run.tokenizer)
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    lengths, prefix = [len(e) for e in encoded], embed.common_prefix_length(encoded)
+    lengths, prefix = [len(e) for e in encoded], common_prefix_length(encoded)
     seconds = timed(run.model, run.tokenizer, texts, args.batch_size)
     total = flops(run.model, lengths, prefix)
     result = {"rows": len(texts), "prompt_tokens": sum(lengths), "shared_prefix_tokens": prefix,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tell import cli, embed, select
+from tell import cli, embed, generate, select
 from tell.config import ModelConfig, SelectConfig
 from tell.data import TellInputError
 from tell.tasks import seeded_sample
@@ -61,7 +61,7 @@ def test_shared_prefix_embeddings_equal_a_plain_forward(tiny_model, tiny_tokeniz
             states = out.hidden_states[2 if layer < 0 else layer][0]
             expected = states[-1] if pool == "last" else states.mean(0)
             assert np.allclose(vector, expected.numpy(), atol=1e-5), (layer, pool, text)
-    assert embed.common_prefix_length([tiny_tokenizer(t)["input_ids"] for t in texts]) >= embed.MIN_PREFIX_TOKENS
+    assert generate.common_prefix_length([tiny_tokenizer(t)["input_ids"] for t in texts]) >= embed.MIN_PREFIX_TOKENS
 
 
 def test_kcenter_and_kmeans_take_one_row_per_group_and_random_does_not(tmp_path, model_cfg):
@@ -330,7 +330,7 @@ def test_real_model_embeds_halu_rows_with_the_prefix_reused():
     ids = torch.tensor([run.tokenizer(texts[1], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         plain = run.model.base_model(input_ids=ids).last_hidden_state[0].mean(0).float().numpy()
-    assert embed.common_prefix_length([run.tokenizer(t)["input_ids"] for t in texts]) > 250
+    assert generate.common_prefix_length([run.tokenizer(t)["input_ids"] for t in texts]) > 250
     assert np.allclose(fast[1], plain, atol=1e-3 * np.abs(plain).max())
 
 

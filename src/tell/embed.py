@@ -25,24 +25,13 @@ MIN_PREFIX_TOKENS = 16
 TSNE_MAX_POINTS = 5000  # t-SNE of 3,000 pool rows takes ~1 min on 2 cores; larger pools get a PCA map
 
 
-def common_prefix_length(encoded: list[list[int]]) -> int:
-    """Return the length of the token prefix all rows share, leaving every row at least one token of its own."""
-    first, length = encoded[0], min(len(e) for e in encoded) - 1
-    for e in encoded[1:]:
-        length = min(length, next((i for i, (a, b) in enumerate(zip(first, e)) if a != b), length))
-    return max(length, 0)
-
-
 def _states(body, ids: torch.Tensor, positions: torch.Tensor, cache, layer: int, layers: int, keep: bool = False):
     """Return (hidden states of `layer`, the KV cache when `keep`) of one forward pass of the transformer body,
     reading the KV cache of earlier tokens when one is given."""
-    import inspect
-    # transformers 5.24 renamed past_key_values to cache (the old name warns); older 5.x know only the old one
-    name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     out = body(input_ids=ids, position_ids=positions, use_cache=keep or cache is not None,
-               output_hidden_states=layer < layers, **{name: cache})
+               output_hidden_states=layer < layers, cache=cache)
     states = out.last_hidden_state if layer >= layers else out.hidden_states[layer]
-    return states.float(), getattr(out, name, None)
+    return states.float(), out.cache
 
 
 @torch.inference_mode()
@@ -56,7 +45,7 @@ def hidden_states(model, tokenizer, texts: list[str], layer: int = -1, pool: str
     is computed once and its KV cache reused; its states count into each mean: (prefix sum + row sum) / length.
     """
     from tqdm.auto import tqdm
-    from tell.generate import length_batches
+    from tell.generate import common_prefix_length, length_batches
     body = model.base_model  # the transformer without the LM head, whose logits would cost ~20% more
     layers = int(model.config.num_hidden_layers)
     layer = layers if layer < 0 else layer
@@ -96,11 +85,8 @@ def hidden_states(model, tokenizer, texts: list[str], layer: int = -1, pool: str
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def model_identity(name: str) -> str:

@@ -161,19 +161,24 @@ class SharedPrefix:
     """(1, length) token ids of the prefix (the repetition penalty counts them, as transformers does)."""
 
 
+def common_prefix_length(encoded: list[list[int]]) -> int:
+    """Return the length of the token prefix all rows share, leaving every row at least one token of its own."""
+    first, length = encoded[0], min(len(e) for e in encoded) - 1
+    for e in encoded[1:]:
+        length = min(length, next((i for i, (a, b) in enumerate(zip(first, e)) if a != b), length))
+    return max(length, 0)
+
+
 def shared_prefix(model, encoded: list[list[int]], device, min_tokens: int = 32) -> SharedPrefix | None:
     """Return the cache of the prompts' longest common token prefix, or None when it is short.
 
     Built-in task prompts share long instructions (Halu-CoT-JSON: ~300 of ~600 tokens), so this halves
     the prefill. At least one token of every prompt stays outside the prefix (its logits start decoding).
     """
-    first = encoded[0]
-    length = min(len(e) for e in encoded) - 1
-    for e in encoded[1:]:
-        length = min(length, next((i for i, (a, b) in enumerate(zip(first, e)) if a != b), length))
+    length = common_prefix_length(encoded)
     if length < min_tokens:
         return None
-    ids = torch.tensor([first[:length]], device=device)
+    ids = torch.tensor([encoded[0][:length]], device=device)
     out = model(input_ids=ids, cache=new_cache(model), use_cache=True, logits_to_keep=1)
     return SharedPrefix(length, out.cache, ids)
 
