@@ -126,6 +126,33 @@ def test_resumed_run_goes_on_in_the_same_mlflow_run(tiny_model_dir, tmp_path):
     assert all(history[r["step"]] == r["loss"] for r in log)  # bit-identical resume: re-logged steps agree
 
 
+def test_a_resumed_mlflow_run_has_each_step_once(tmp_path):
+    """A killed run logged steps 1-5, its last checkpoint was step 3: the resumed run logs 4-6 again and MLflow,
+    which cannot delete points, must not show steps 4 and 5 twice; params, name and the logged 1-3 stay."""
+    from mlflow.tracking import MlflowClient
+    from tell.trackers import MLflowTracker
+    run_dir = tmp_path / "run.partial"
+    run_dir.mkdir()
+    killed = MLflowTracker(run_dir, {"train": {"lr": 1e-4}})
+    for step in range(1, 6):
+        killed.log({"loss": float(step), "lr": 0.1}, step)
+    first_id = killed.run_id  # no close(): the process was killed
+    resumed = MLflowTracker(run_dir, {"train": {"lr": 1e-4}}, first_step=4)
+    for step in range(4, 7):
+        resumed.log({"loss": 10.0 + step, "lr": 0.2}, step)
+    resumed.close(completed=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tell"]
+    (only,) = client.search_runs([experiment.experiment_id])
+    assert only.info.run_id == json.loads((run_dir / "trackers.json").read_text())["mlflow"] != first_id
+    assert only.info.status == "FINISHED" and only.info.run_name == "run" and only.data.params["train.lr"] == "0.0001"
+    for key, before, after in (("loss", [1.0, 2.0, 3.0], [14.0, 15.0, 16.0]), ("lr", [0.1] * 3, [0.2] * 3)):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(only.info.run_id, key))
+        assert history == list(zip(range(1, 7), before + after)), key
+    again = MLflowTracker(run_dir, {"train": {"lr": 1e-4}}, first_step=7)  # nothing logged past 6: same run
+    assert again.run_id == only.info.run_id
+
+
 def test_a_crash_marks_the_tracker_run_failed(tiny_model_dir, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     import tell.train

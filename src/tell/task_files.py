@@ -1,17 +1,24 @@
 """Stage — tasks, input side: a user's test file for a built-in task, checked against the format of the
-task's shipped test rows.
+task's shipped test rows, and a user task's metric with its schema file or pattern.
 
 In: a .json/.jsonl file and the task's ``RowFormat`` (Halu-CoT-JSON: ``prompt`` + ``response`` label yes/no;
 IS-EN-NEWS: ``query`` + ``response``). Out: ``(line, text, answer)`` per row. A bad row (missing or empty
 field, a label that is not allowed, a prompt without the task's fields, not JSON) stops with the file, line
-and field, before any model loads.
+and field, before any model loads; so does a schema file that is not a JSON schema or a pattern that does
+not compile (``USER_METRICS``: metric name -> builder of the corpus and per-row scoring functions).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import jsonschema
+
+from tell import metrics
 from tell.data import TellInputError, read_records
 
 
@@ -62,3 +69,68 @@ def _in_order(text: str, markers: tuple[str, ...]) -> bool:
 def file_digest(path: str | Path) -> str:
     """Return 8 hex digits of the file's SHA-256: row ids carry it, so cached results follow the content."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
+# --- user tasks: metric, schema, pattern -----------------------------------------------------
+
+def _load_schema(schema_file: str | Path | None) -> dict:
+    if schema_file is None:
+        raise TellInputError("metric 'json-schema' needs a JSON schema file (schema_file)",
+                             field="schema_file")
+    path = Path(schema_file)
+    if not path.is_file():
+        raise TellInputError("schema file not found", path)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise TellInputError(f"malformed JSON schema: {err.msg} at column {err.colno}", path,
+                             err.lineno) from None
+    if not isinstance(schema, dict):
+        raise TellInputError("a JSON schema must be a JSON object", path, 1)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise TellInputError(f"not a valid JSON schema: {err.message}", path) from None
+    return schema
+
+
+def _compile_pattern(pattern: str | None) -> str:
+    if pattern is None:
+        raise TellInputError("metric 'regex' needs a pattern (pattern)", field="pattern")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise TellInputError(f"invalid regular expression {pattern!r}: {err}", field="pattern") from None
+    return pattern
+
+
+def _exact_scorers(**_) -> tuple[Callable, Callable]:
+    return metrics.exact_scores, metrics.exact_row_scores
+
+
+def _regex_scorers(pattern=None, **_) -> tuple[Callable, Callable]:
+    pattern = _compile_pattern(pattern)
+    return (lambda o, r: metrics.regex_scores(o, r, pattern),
+            lambda o, r: metrics.regex_row_scores(o, r, pattern))
+
+
+def _schema_scorers(schema_file=None, **_) -> tuple[Callable, Callable]:
+    schema = _load_schema(schema_file)
+    return (lambda o, r: metrics.json_schema_scores(o, r, schema),
+            lambda o, r: metrics.json_schema_row_scores(o, r, schema))
+
+
+def _translation_scorers(row_metric: str) -> Callable[..., tuple[Callable, Callable]]:
+    # chrf and bleu both report the two corpus scores; they differ in the per-row score.
+    return lambda **_: (metrics.translation_scores,
+                        lambda o, r: metrics.translation_row_scores(o, r, row_metric))
+
+
+USER_METRICS: dict[str, Callable[..., tuple[Callable, Callable]]] = {
+    "json-schema": _schema_scorers,
+    "exact": _exact_scorers,
+    "regex": _regex_scorers,
+    "chrf": _translation_scorers("chrf"),
+    "bleu": _translation_scorers("bleu"),
+}
+USER_MAX_NEW_TOKENS = {"json-schema": 256, "exact": 256, "regex": 256, "chrf": 512, "bleu": 512}

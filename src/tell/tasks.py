@@ -17,12 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-import jsonschema
-
 from tell import diagnostics, metrics
 from tell.data import DATASETS_DIR, Example, FieldMap, TellInputError, read_records, record_to_messages
 from tell.halu_targets import halu_thought
-from tell.task_files import RowFormat, file_digest, read_test_file
+from tell.task_files import USER_MAX_NEW_TOKENS, USER_METRICS, RowFormat, file_digest, read_test_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -311,69 +309,6 @@ ALIASES = {"is-en-news": "is-en-news:en-is", "en-is": "is-en-news:en-is", "is-en
 
 
 # --- user tasks -------------------------------------------------------------------------------
-
-def _load_schema(schema_file: str | Path | None) -> dict:
-    if schema_file is None:
-        raise TellInputError("metric 'json-schema' needs a JSON schema file (schema_file)",
-                             field="schema_file")
-    path = Path(schema_file)
-    if not path.is_file():
-        raise TellInputError("schema file not found", path)
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise TellInputError(f"malformed JSON schema: {err.msg} at column {err.colno}", path,
-                             err.lineno) from None
-    if not isinstance(schema, dict):
-        raise TellInputError("a JSON schema must be a JSON object", path, 1)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as err:
-        raise TellInputError(f"not a valid JSON schema: {err.message}", path) from None
-    return schema
-
-
-def _compile_pattern(pattern: str | None) -> str:
-    if pattern is None:
-        raise TellInputError("metric 'regex' needs a pattern (pattern)", field="pattern")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise TellInputError(f"invalid regular expression {pattern!r}: {err}", field="pattern") from None
-    return pattern
-
-
-def _exact_scorers(**_) -> tuple[Callable, Callable]:
-    return metrics.exact_scores, metrics.exact_row_scores
-
-
-def _regex_scorers(pattern=None, **_) -> tuple[Callable, Callable]:
-    pattern = _compile_pattern(pattern)
-    return (lambda o, r: metrics.regex_scores(o, r, pattern),
-            lambda o, r: metrics.regex_row_scores(o, r, pattern))
-
-
-def _schema_scorers(schema_file=None, **_) -> tuple[Callable, Callable]:
-    schema = _load_schema(schema_file)
-    return (lambda o, r: metrics.json_schema_scores(o, r, schema),
-            lambda o, r: metrics.json_schema_row_scores(o, r, schema))
-
-
-def _translation_scorers(row_metric: str) -> Callable[..., tuple[Callable, Callable]]:
-    # chrf and bleu both report the two corpus scores; they differ in the per-row score.
-    return lambda **_: (metrics.translation_scores,
-                        lambda o, r: metrics.translation_row_scores(o, r, row_metric))
-
-
-USER_METRICS: dict[str, Callable[..., tuple[Callable, Callable]]] = {
-    "json-schema": _schema_scorers,
-    "exact": _exact_scorers,
-    "regex": _regex_scorers,
-    "chrf": _translation_scorers("chrf"),
-    "bleu": _translation_scorers("bleu"),
-}
-USER_MAX_NEW_TOKENS = {"json-schema": 256, "exact": 256, "regex": 256, "chrf": 512, "bleu": 512}
-
 
 def _user_task(name: str, test_file: str | Path, metric: str | None, schema_file, pattern,
                train_file) -> Task:

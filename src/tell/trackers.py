@@ -6,7 +6,8 @@ loss_general, lr, tokens, ...) under the same keys and whose ``close(completed)`
 written inside the run directory: TensorBoard event files in ``tensorboard/``; an MLflow run in
 ``mlflow.db`` (SQLite, MLflow's default store: MLflow 3 refuses a file store unless told to), unless
 ``MLFLOW_TRACKING_URI`` names another store; W&B run files in ``wandb/`` (``WANDB_MODE=offline`` keeps them
-local). A resumed run goes on in the same MLflow/W&B run: their ids are kept in ``trackers.json``.
+local). A resumed run goes on in the same MLflow/W&B run: their ids are kept in ``trackers.json`` (MLflow's run is
+copied without the steps the killed run logged after its last checkpoint, which are trained again).
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class MLflowTracker:
             self.client = MlflowClient(tracking_uri=uri)
             self.run_id = _saved_id(run_dir, "mlflow") if first_step > 1 else None
             if self.run_id:
+                self.run_id = _without_steps_from(self.client, self.run_id, first_step)
+                _save_id(run_dir, "mlflow", self.run_id)
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "tell")
@@ -121,6 +124,28 @@ class MLflowTracker:
 
     def close(self, completed: bool = True) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if completed else "FAILED")
+
+
+def _without_steps_from(client, run_id: str, first_step: int) -> str:
+    """Return the id of an MLflow run holding `run_id`'s params and metrics before `first_step`.
+
+    A killed run logged the steps between its last checkpoint and the kill; the resumed run trains and logs
+    them again. MLflow cannot delete logged points, so when there are such steps the run is copied without
+    them (same name, params and tags) and the old one deleted; otherwise the same run goes on.
+    """
+    from mlflow.entities import Param, RunTag
+    old = client.get_run(run_id)
+    history = [m for key in old.data.metrics for m in client.get_metric_history(run_id, key)]
+    if all(m.step < first_step for m in history):
+        return run_id
+    new_id = client.create_run(old.info.experiment_id, run_name=old.info.run_name).info.run_id
+    params = [Param(k, v) for k, v in old.data.params.items()]
+    tags = [RunTag(k, v) for k, v in old.data.tags.items() if not k.startswith("mlflow.")]
+    kept = [m for m in history if m.step < first_step]
+    for i in range(0, max(len(params), len(kept), 1), 100):  # MLflow's limits: 100 params, 1000 metrics a batch
+        client.log_batch(new_id, params=params[i:i + 100], metrics=kept[i:i + 100], tags=tags if i == 0 else [])
+    client.delete_run(run_id)
+    return new_id
 
 
 class WandbTracker:
