@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tell.sweep_report import markdown_html, render_sweep_report
-from tell.sweep_stats import efficiency, resampled_means, tokens_to_reach
+from tell.sweep_stats import efficiency, natural_key, resampled_means, tokens_to_reach
 
 N_ROWS = 40
 
@@ -129,3 +129,17 @@ def test_cells_below_the_majority_baseline_are_marked_in_tables_and_plots(tmp_pa
     assert any(line.startswith("| tell | 1,000 |") and line.endswith("| **yes** |") for line in tell_lines)
     assert sum("**< majority**" in line for line in text.splitlines() if line.startswith("| sft ")) == 0
     assert "label accuracy < majority baseline" in marked  # the red crosses' legend entry
+
+
+def test_curves_and_points_are_ordered_by_the_numbers_in_their_labels(tmp_path):
+    """Text order would put 'general 1e5 tok' before 'general 3e4 tok' and '115 rows' before '15 rows'."""
+    assert sorted(["TELL, 115 rows", "TELL, 15 rows"], key=natural_key) == ["TELL, 15 rows", "TELL, 115 rows"]
+    assert sorted(["lr 0.001", "lr 0.0001", "lr 1e-5"], key=natural_key) == ["lr 1e-5", "lr 0.0001", "lr 0.001"]
+    budgets = ("1e4", "1e5", "3e4", "1e6", "3e5")
+    records = [record("tell", 8_000, 0.1 * i, size="15 rows", ratio=f"general {b} tok", general_tokens=int(float(b)))
+               for i, b in enumerate(budgets)]
+    status = {"cells": len(records), "done": len(records), "running": 0, "left": 0, "failed": 0}
+    text = render_sweep_report(records, status, tmp_path, "score", 50).read_text()
+    points = text.split("## Points", 1)[1].split("##", 1)[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in points.splitlines() if line.startswith("| tell")]
+    assert rows == [f"tell, general {b} tok" for b in ("1e4", "3e4", "1e5", "3e5", "1e6")]

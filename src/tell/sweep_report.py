@@ -16,7 +16,7 @@ import numpy as np
 
 from tell.report import below_majority, label_counts_text, markdown_html
 from tell.sweep_stats import (RELEVANT, SETTINGS, Point, cell_value, cells_below_majority, curve_label, curve_points,
-                              efficiency, varying_settings)
+                              efficiency, natural_key, varying_settings)
 
 METHOD_ORDER = ("base", "base-anchor", "general", "sft", "sft-matched", "tell")
 
@@ -55,7 +55,7 @@ def _axes(figsize=(7, 4.2)):
 
 
 def _draw_curves(ax, curves: dict[str, list[Point]], style: str = "-o") -> None:
-    for i, (label, points) in enumerate(sorted(curves.items())):
+    for i, (label, points) in enumerate(sorted(curves.items(), key=lambda c: natural_key(c[0]))):
         xs = [p.x for p in points]
         ax.fill_between(xs, [p.low for p in points], [p.high for p in points], color=f"C{i}", alpha=0.18, lw=0)
         ax.plot(xs, [p.y for p in points], style, color=f"C{i}", label=label, ms=4)
@@ -123,7 +123,7 @@ def plot_general_tokens(records, metric, path: Path, resamples: int) -> bool:
     curves = curve_points(tell, metric, "general_tokens", lambda r: f"TELL, {r['size']}", lambda r: r["ratio"],
                           resamples)
     _draw_curves(ax, curves)
-    for i, label in enumerate(sorted(curves)):
+    for i, label in enumerate(sorted(curves, key=natural_key)):
         size = label.split(", ", 1)[1]
         sft = [r for r in records if r["method"] == "sft" and r["size"] == size]
         if sft:
@@ -230,7 +230,7 @@ def retention_table(records: list[dict]) -> str:
 
 def points_table(curves: dict[str, list[Point]], x_name: str) -> str:
     lines = [f"| curve | {x_name} | score [95%] | seeds | label accuracy < majority |", "|---|---|---|---|---|"]
-    for label, points in sorted(curves.items()):
+    for label, points in sorted(curves.items(), key=lambda c: natural_key(c[0])):
         lines += [f"| {label} | {p.x:,.0f} | {p.y:.3f} [{p.low:.3f}, {p.high:.3f}] | {len(p.cells)} | "
                   f"{'**yes**' if cells_below_majority(p.cells) else 'no'} |" for p in points]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ SFT's curve on a log-token axis). Pure functions; sweep_report.py draws and writ
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -85,6 +86,16 @@ def curve_label(record: dict, varying: dict[str, set]) -> str:
 def _setting(key: str, value) -> str:
     """Return 'ratio 10', 'lr 0.001'; a general-token budget reads as itself ('general 3e5 tok')."""
     return value if key == "ratio" and str(value).startswith("general ") else f"{key} {value}"
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)")
+
+
+def natural_key(label: str) -> tuple:
+    """Return a sort key that orders the numbers in a label by value: 'general 3e4 tok' before 'general 1e5
+    tok', '15 rows' before '115 rows' (text order puts them the other way)."""
+    parts = _NUMBER.split(label)
+    return tuple((0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(parts))
 
 
 def varying_settings(records: list[dict]) -> dict[str, dict[str, set]]:
@@ -172,4 +183,4 @@ def efficiency(records: list[dict], metric: str, resamples: int, seed: int = 0) 
                     "multiplier": reach[0] / x if reach else None, "ci95": list(_quantiles(boot)),
                     "below_majority": cells_below_majority(cells),
                     "sft_best": max(curve, key=lambda p: p[1]), "sft_lr_matched": same_lr is not sft})
-    return sorted(out, key=lambda e: (e["label"], e["task_tokens"]))
+    return sorted(out, key=lambda e: (natural_key(e["label"]), e["task_tokens"]))
