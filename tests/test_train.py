@@ -251,6 +251,7 @@ def test_micro_batch_tokens_default_depends_on_the_device():
     assert micro_batch_tokens(TrainConfig(micro_batch_tokens=300), torch.device("cuda", 0)) == 300
 
 
+@pytest.mark.filterwarnings("ignore:training takes only")  # 6 steps on purpose: a short run
 def test_a_checkpointed_training_run_logs_the_plain_runs_losses(tiny_model_dir, tmp_path):
     from tell import cli
     common = ["train", "--task", str(FIXTURES / "alpaca.jsonl"), "--general", str(FIXTURES / "general.jsonl"),
