@@ -110,7 +110,7 @@ def _sweep_yaml(tmp_path, model_dir) -> Path:
 
 def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, capsys,
                                                                             monkeypatch):
-    from tell import sweep
+    from tell import sweep_eta
     from tell.sweep_report import status_text
     config = _sweep_yaml(tmp_path, tiny_model_dir)
     monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-unbroken"))
@@ -131,7 +131,7 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
     assert partial is not None and partial.name == unbroken.name + ".partial", "killed before a checkpoint"
     total_steps = len(_losses(unbroken))
 
-    status = sweep.sweep_status(tmp_path / "broken")
+    status = sweep_eta.sweep_status(tmp_path / "broken")
     (interrupted,) = status["interrupted_cells"]
     assert 2 <= interrupted["training"]["steps_done"] < total_steps == interrupted["training"]["steps_planned"]
     assert f"training step {interrupted['training']['steps_done']}/{total_steps}" in status_text(status)
@@ -145,7 +145,7 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
     a = load_file(unbroken / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert sweep.sweep_status(tmp_path / "broken")["done"] == 1
+    assert sweep_eta.sweep_status(tmp_path / "broken")["done"] == 1
 
 
 def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Tests of tell.sweep: grid expansion (axes, aliases, de-duplication, errors with file:line), the SQLite
+"""Tests of tell.sweep and tell.sweep_eta: grid expansion (axes, aliases, de-duplication, errors with file:line), the SQLite
 store's resume rules (a done cell is never run again, a 'running' cell of a dead process runs again, one of a
 live process is left alone), the status estimate, and a 2-cell sweep end to end on the tiny model."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tell import cli, sweep
+from tell import cli, sweep, sweep_eta
 from tell.data import TellInputError
 from tell.sweep_report import status_text
 
@@ -79,9 +79,9 @@ def test_status_estimates_left_cells_from_the_default_rates(tmp_path):
     path = write_yaml(tmp_path / "s.yaml", {"out": str(tmp_path / "sw"), "eval": {"limit": 10},
                                             "grid": {"method": ["sft", "tell"], "task_rows": [2]}})
     sweep.plan_sweep(path)
-    status = sweep.sweep_status(tmp_path / "sw")
+    status = sweep_eta.sweep_status(tmp_path / "sw")
     assert (status["cells"], status["done"], status["left"], status["running"]) == (2, 0, 2, 0)
-    rates = sweep.DEFAULT_RATES
+    rates = sweep_eta.DEFAULT_RATES
     sft_s = rates["overhead_s"] + 2 * rates["task_row_tokens"] / rates["train_tok_s"] + 10 * rates["eval_s_per_row"]
     tell_s = sft_s + 10 * 2 * rates["task_row_tokens"] / rates["train_tok_s"]  # ratio 10 more tokens
     assert status["estimate_left_s"] == pytest.approx(sft_s + tell_s, abs=1)
@@ -126,7 +126,7 @@ def test_resume_skips_done_reruns_cells_of_dead_processes_and_leaves_live_ones(t
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert sweep.sweep_status(out)["left"] == 1  # its process is gone: the cell is left to run again
+    assert sweep_eta.sweep_status(out)["left"] == 1  # its process is gone: the cell is left to run again
     conn.close()
 
 

@@ -207,6 +207,7 @@ def _add_sweep_verbs(verbs) -> None:
 def _dispatch_sweep(args, extra) -> int:
     """Run the sweep and report verbs (their YAML has a grid, so it is not read as one RunConfig)."""
     from tell import sweep
+    from tell.sweep_eta import sweep_status
     from tell.sweep_report import status_text
     if args.verb == "report":
         path = sweep.render_report(args.dir, args.metric)
@@ -217,7 +218,7 @@ def _dispatch_sweep(args, extra) -> int:
     overrides.update({"sweep.max_cells": args.max_cells} if args.max_cells is not None else {})
     if args.status:
         out = sweep.plan_sweep(args.config, overrides)[1] if args.config else (args.out or "runs/sweep")
-        print(status_text(sweep.sweep_status(out)))
+        print(status_text(sweep_status(out)))
         return 0
     if not args.config:
         raise TellInputError("tell sweep needs --config FILE.yaml (base settings and a grid:), or --status")

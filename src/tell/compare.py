@@ -42,13 +42,13 @@ QUICK = {"compare.task_rows": 4, "mix.ratio": "3", "eval.limit": 16, "generate.m
 
 def default_config() -> RunConfig:
     """Return the config `tell compare` starts from (RunConfig's defaults with DEFAULTS over them)."""
-    from tell.config import apply_overrides
+    from tell.config_keys import apply_overrides
     return apply_overrides(RunConfig(), DEFAULTS)
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
     """Return the --quick variant: 4 task rows, ratio 3, 16 test rows, 96 new tokens (≤ 5 min on 2 cores)."""
-    from tell.config import apply_overrides
+    from tell.config_keys import apply_overrides
     return apply_overrides(copy.deepcopy(cfg), QUICK)
 
 

@@ -100,3 +100,8 @@ def fail(conn: sqlite3.Connection, key: str, error: str, status: str = "failed")
 def planned_cells(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Return the rows of the current plan's cells, in plan order."""
     return list(conn.execute("SELECT cells.* FROM plan JOIN cells USING (key) ORDER BY plan.position"))
+
+
+def db_path(out: str | Path) -> Path:
+    """Return the database file of the sweep whose directory is `out`."""
+    return Path(out) / DB_NAME
