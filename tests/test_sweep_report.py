@@ -143,3 +143,18 @@ def test_curves_and_points_are_ordered_by_the_numbers_in_their_labels(tmp_path):
     points = text.split("## Points", 1)[1].split("##", 1)[0]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in points.splitlines() if line.startswith("| tell")]
     assert rows == [f"tell, general {b} tok" for b in ("1e4", "3e4", "1e5", "3e5", "1e6")]
+
+
+def test_a_zero_adapter_cell_is_marked_as_the_base_model(tmp_path):
+    """SFT on a few rows at the paper's settings trains a zero adapter: the table must say it is the base model."""
+    records = sft_curve()
+    records[0]["metrics"]["same_as_base"] = "the adapter is exactly zero"
+    status = {"cells": len(records), "done": len(records), "running": 0, "left": 0, "failed": 0}
+    text = render_sweep_report(records, status, tmp_path, "score", 50).read_text()
+    cells = text.split("## All cells", 1)[1]
+    marked = [line for line in cells.splitlines() if "(= base: zero adapter)" in line and line.startswith("| ")]
+    assert len(marked) == 1 and marked[0].startswith(f"| {records[0]['label']} **(= base: zero adapter)** |")
+    assert "it is the base model without an anchor" in cells
+    records[0]["metrics"].pop("same_as_base")
+    text = render_sweep_report(records, status, tmp_path, "score", 50).read_text()
+    assert "zero adapter" not in text

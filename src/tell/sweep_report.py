@@ -191,7 +191,8 @@ def cells_table(records: list[dict], metric: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
-        lines.append("| " + " | ".join([r["label"], r["method"], r["size"], f"{r['task_tokens']:,}",
+        label = r["label"] + (" **(= base: zero adapter)**" if m.get("same_as_base") else "")
+        lines.append("| " + " | ".join([label, r["method"], r["size"], f"{r['task_tokens']:,}",
                                          f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}", _task_metrics(m),
                                          _fmt(m.get("majority_baseline", "–")),
                                          label_counts_text(m.get("predicted_label_counts")),
@@ -199,7 +200,16 @@ def cells_table(records: list[dict], metric: str) -> str:
                                                                          "anchor_copy_rate", "target_copy_rate")],
                                          str(m.get("optimizer_steps", 0)), _fmt(m.get("general_loss", "–")),
                                          _fmt(m.get("general_ppl", "–")), _fmt(r["wall_s"] or 0.0)]) + " |")
+    if any(r["metrics"].get("same_as_base") for r in records):
+        lines += ["", ZERO_ADAPTER_NOTE]
     return "\n".join(lines)
+
+
+ZERO_ADAPTER_NOTE = ("**(= base: zero adapter)**: the cell's trained adapter is exactly zero (every LoRA B matrix is "
+                     "still 0: a few rows at batch 16 make one optimizer step, inside warmup, at learning rate 0), so "
+                     "it is the base model without an anchor. Its answers and held-out losses are generated once: a "
+                     "`base` cell on the same test rows reuses them from the evaluation cache (its wall time is "
+                     "seconds).")
 
 
 TASK_METRICS = {"json_adherence_strict": "JSON strict", "json_adherence_lenient": "JSON lenient",
