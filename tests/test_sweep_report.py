@@ -158,3 +158,15 @@ def test_a_zero_adapter_cell_is_marked_as_the_base_model(tmp_path):
     records[0]["metrics"].pop("same_as_base")
     text = render_sweep_report(records, status, tmp_path, "score", 50).read_text()
     assert "zero adapter" not in text
+
+
+def test_the_ablation_is_drawn_where_the_controls_ran():
+    """A 15-row curve over general budgets with sft-matched at its last point only: the ablation must be there."""
+    from tell.sweep_report import main_setting
+    records = [record("tell", 8_000, 0.0, size="15 rows", ratio=f"general {b} tok", general_tokens=int(float(b)))
+               for b in ("1e4", "1e5", "1e6")]
+    assert main_setting(records)["ratio"] == "general 1e4 tok"  # a tie among TELL cells: the first
+    records.append(record("sft-matched", 8_000, 0.3, size="15 rows", ratio="general 1e6 tok"))
+    assert main_setting(records)["ratio"] == "general 1e6 tok"
+    records.append(record("general", 0, 0.0, size="15 rows", ratio="general 1e5 tok"))
+    assert main_setting(records)["ratio"] == "general 1e5 tok"  # general-only cells decide first

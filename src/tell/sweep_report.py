@@ -9,6 +9,7 @@ from writing files.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def _draw_curves(ax, curves: dict[str, list[Point]], style: str = "-o") -> None:
 def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9 if len(title) > 80 else 10)  # long ablation settings wrap
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -77,8 +78,10 @@ def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> N
 
 
 def main_setting(records: list[dict]) -> dict:
-    """Return the settings of the ablation: those of the `general` cells, else the most common TELL ones."""
-    pool = [r for r in records if r["method"] == "general"] or [r for r in records if r["method"] == "tell"]
+    """Return the settings of the ablation: those of the controls that share TELL's general data (`general`, else
+    `sft-matched` cells), else the most common TELL ones."""
+    pool = ([r for r in records if r["method"] == "general"] or [r for r in records if r["method"] == "sft-matched"]
+            or [r for r in records if r["method"] == "tell"])
     if not pool:
         return {}
     common = Counter(tuple(r.get(k) for k in SETTINGS) for r in pool).most_common(1)[0][0]
@@ -169,7 +172,7 @@ def plot_ablation(records, metric, path: Path, resamples: int) -> bool:
                 ax.bar(s + (i - (len(methods) - 1) / 2) * width, p.y, width,
                        yerr=[[max(p.y - p.low, 0)], [max(p.high - p.y, 0)]], capsize=3, color=f"C{i}",
                        label=method if s == 0 else None, hatch="//" if below else None,
-                       edgecolor="red" if below else None)
+                       edgecolor="black" if below else None)  # red bars exist (C3): black hatching marks < majority
     ax.set_xticks(range(len(sizes)), sizes)
     _finish(plt, fig, ax, path, "task size", metric, "Ablation: " + ", ".join(f"{k} {v}" for k, v in setting.items()))
     return True
