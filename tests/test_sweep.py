@@ -1,6 +1,7 @@
-"""Tests of tell.sweep and tell.sweep_eta: grid expansion (axes, aliases, de-duplication, errors with file:line), the SQLite
-store's resume rules (a done cell is never run again, a 'running' cell of a dead process runs again, one of a
-live process is left alone), the status estimate, and a 2-cell sweep end to end on the tiny model."""
+"""Tests of tell.sweep and tell.sweep_eta: grid expansion (axes, aliases, de-duplication, errors with
+file:line), the SQLite store's resume rules (a done cell is never run again, a 'running' cell of a dead process
+runs again, one of a live process is left alone), the status estimate, and a 2-cell sweep end to end on the tiny
+model."""
 from __future__ import annotations
 
 import json

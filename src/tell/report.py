@@ -80,7 +80,7 @@ def compare_table(results: dict) -> str:
     head = ["arm"] + keys + ["optimizer steps", "task tokens", "general tokens", "trained tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, m in results.items():
-        label = f"{arm} (= base: zero adapter)" if m.get("same_as_base") else arm
+        label = f"{arm} {ZERO_ADAPTER_MARK}" if m.get("same_as_base") else arm
         cells = [label] + [_cell(m, k) for k in keys] + [str(m.get("optimizer_steps", 0)), f"{m.get('task_tokens', 0):,}",
                                                       f"{m.get('general_tokens', 0):,}", f"{m.get('trained_tokens', 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -249,15 +249,19 @@ def _compute_lines(results: dict, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How a table marks an arm or sweep cell whose adapter is exactly zero, and why such an adapter happens.
+ZERO_ADAPTER_MARK = "(= base: zero adapter)"
+ZERO_ADAPTER_WHY = ("every LoRA B matrix is still 0 — as in the paper's SFT on a few rows: with batch 16 and warmup "
+                    "0.03 they make one optimizer step, inside warmup, at learning rate 0")
+
+
 def _same_as_base_note(results: dict) -> str:
     """Return a sentence naming the arms that are the base model (zero adapter) and were not evaluated again."""
     same = [arm for arm, m in results.items() if m.get("same_as_base")]
     if not same:
         return ""
-    return (f"\n**{', '.join(f'`{a}`' for a in same)}: the trained adapter is exactly zero** (every LoRA B matrix "
-            "is still 0 — as in the paper's SFT on a few rows: with batch 16 and warmup 0.03 they make one optimizer "
-            "step, inside warmup, at learning rate 0), so "
-            "the arm is the base model: its answers and losses are the base model's, generated once and reused.")
+    return (f"\n**{', '.join(f'`{a}`' for a in same)}: the trained adapter is exactly zero** ({ZERO_ADAPTER_WHY}), "
+            "so the arm is the base model: its answers and losses are the base model's, generated once and reused.")
 
 
 def rerender_compare_report(out_dir: str | Path) -> Path:

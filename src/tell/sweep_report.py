@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tell.report import below_majority, label_counts_text, markdown_html
+from tell.report import ZERO_ADAPTER_MARK, ZERO_ADAPTER_WHY, below_majority, label_counts_text, markdown_html
 from tell.sweep_stats import (RELEVANT, SETTINGS, Point, cell_value, cells_below_majority, curve_label, curve_points,
                               efficiency, natural_key, varying_settings)
 
@@ -194,7 +194,7 @@ def cells_table(records: list[dict], metric: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
-        label = r["label"] + (" **(= base: zero adapter)**" if m.get("same_as_base") else "")
+        label = r["label"] + (f" **{ZERO_ADAPTER_MARK}**" if m.get("same_as_base") else "")
         lines.append("| " + " | ".join([label, r["method"], r["size"], f"{r['task_tokens']:,}",
                                          f"{r['general_tokens']:,}", f"{cell_value(r, metric):.3f}", _task_metrics(m),
                                          _fmt(m.get("majority_baseline", "–")),
@@ -208,8 +208,7 @@ def cells_table(records: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-ZERO_ADAPTER_NOTE = ("**(= base: zero adapter)**: the cell's trained adapter is exactly zero (every LoRA B matrix is "
-                     "still 0: a few rows at batch 16 make one optimizer step, inside warmup, at learning rate 0), so "
+ZERO_ADAPTER_NOTE = (f"**{ZERO_ADAPTER_MARK}**: the cell's trained adapter is exactly zero ({ZERO_ADAPTER_WHY}), so "
                      "it is the base model without an anchor. Its answers and held-out losses are generated once: a "
                      "`base` cell on the same test rows reuses them from the evaluation cache (its wall time is "
                      "seconds).")
