@@ -40,12 +40,14 @@ needs_launcher = pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys
                                     reason="accelerate's launcher is not installed")
 
 
-def _launch(argv: list[str]) -> list[str]:
+def _launch(argv: list[str], monitor_interval: float = 0.1) -> list[str]:
     """Return the command that runs `tell argv` on two CPU processes (one thread each). torchrun, not
     `accelerate launch --cpu --num_processes 2`: accelerate 1.15 runs that as ONE process (its simple
-    launcher, WORLD_SIZE unset); tell joins the group through accelerate's PartialState either way."""
+    launcher, WORLD_SIZE unset); tell joins the group through accelerate's PartialState either way.
+    `monitor_interval` is how often torchrun polls its workers: once one fails, it kills the others at the
+    next poll."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-            "-m", "tell.cli", *argv]
+            "--monitor-interval", str(monitor_interval), "-m", "tell.cli", *argv]
 
 
 def _free_port() -> int:
@@ -142,8 +144,10 @@ def test_other_verbs_refuse_several_processes(verb, tmp_path, monkeypatch, capsy
 @needs_launcher
 def test_compare_on_two_processes_stops_both_with_the_message(tiny_model_dir, tmp_path):
     out = tmp_path / "compare"
-    done = subprocess.run(_launch(["compare", "--quick", "--model", str(tiny_model_dir), "--out", str(out)]),
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    # torchrun kills the slower rank at its first poll after the faster one fails; polling every 20 s gives
+    # both ranks time to reach the check (about 3 s each, under load more) so each must print the message.
+    argv = ["compare", "--quick", "--model", str(tiny_model_dir), "--out", str(out)]
+    done = subprocess.run(_launch(argv, monitor_interval=20), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert done.stderr.count("tell compare runs in one process") == 2
     assert not out.exists() and not out.with_name("compare.partial").exists()
