@@ -148,6 +148,28 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
     assert sweep_eta.sweep_status(tmp_path / "broken")["done"] == 1
 
 
+def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(tiny_model_dir, tmp_path):
+    """SIGTERM (a scheduler's stop, `kill`) mid-training: exit 130 with a one-line message, no traceback, and the
+    cell back to pending in the store (not 'running' under this host's name), its checkpoint kept."""
+    from tell import sweep
+    config = _sweep_yaml(tmp_path, tiny_model_dir)
+    cache, out = tmp_path / "cache", tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "tell.cli", "sweep", "--config", str(config), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TELL_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(cache.glob("runs/*.partial/checkpoint/state.pt")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "tell sweep: stopped" in err and "Traceback" not in err
+    conn = sweep.open_store(sweep.db_path(out))
+    (row,) = sweep.planned_cells(conn)
+    assert (row["status"], row["pid"], row["error"]) == ("pending", None, "interrupted")
+    conn.close()
+
+
 def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):
     from tell.config import load_config
     from tell.experiment import prepare_mix

@@ -131,6 +131,34 @@ def test_resume_skips_done_reruns_cells_of_dead_processes_and_leaves_live_ones(t
     conn.close()
 
 
+def test_a_cell_another_host_left_running_is_named_and_released_on_request(tiny_model_dir, tmp_path, capsys):
+    """A sweep folder copied from another machine (or a machine whose hostname changed) may hold a cell marked
+    'running' there: it is left alone, but named with the way to take it over, which then runs it here."""
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"w{i}"}) + "\n" for i in range(2)))
+    path = write_yaml(tmp_path / "s.yaml", {
+        "out": str(tmp_path / "sw"), "model": {"name": str(tiny_model_dir)},
+        "data": {"general": str(FIXTURES / "general.jsonl")},
+        "eval": {"task": "mine", "test": str(test), "metric": "exact", "limit": 0, "general_rows": 0},
+        "generate": {"max_new_tokens": 2}, "grid": {"method": ["base"], "seed": [1, 2]}})
+    sweep.plan_sweep(path)
+    conn = sweep.open_store(sweep.db_path(tmp_path / "sw"))
+    elsewhere, here = [r["key"] for r in sweep.planned_cells(conn)]
+    conn.execute("UPDATE cells SET status = 'running', pid = 4242, host = 'another-machine' WHERE key = ?",
+                 (elsewhere,))
+    assert cli.main(["sweep", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"{elsewhere} (base) on another-machine, pid 4242" in err and "--release-running" in err
+    rows = {r["key"]: r for r in sweep.planned_cells(conn)}
+    assert rows[elsewhere]["status"] == "running" and rows[here]["status"] == "done"
+    assert cli.main(["sweep", "--config", str(path), "--release-running"]) == 0
+    err = capsys.readouterr().err
+    assert "1 cell(s) marked running were released" in err and "another-machine" not in err
+    rows = {r["key"]: r for r in sweep.planned_cells(conn)}
+    assert rows[elsewhere]["status"] == "done" and rows[elsewhere]["attempts"] == 1 and rows[here]["attempts"] == 1
+    conn.close()
+
+
 def test_two_cell_sweep_end_to_end_then_resumes_without_rerunning(tiny_model_dir, tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     test = tmp_path / "test.jsonl"

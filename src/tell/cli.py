@@ -190,6 +190,8 @@ def _add_sweep_verbs(verbs) -> None:
     sweep.add_argument("--status", action="store_true", help="show done / running / left and the time left")
     sweep.add_argument("--out", help="sweep directory (default: the YAML's out, else runs/sweep)")
     sweep.add_argument("--max-cells", type=int, help="run at most N cells now (the next call goes on)")
+    sweep.add_argument("--release-running", action="store_true", help="first run here the cells another host "
+                       "left 'running' (a copied sweep folder, a renamed machine: only if no sweep runs there)")
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     report = verbs.add_parser("report", help="render report.md + report.html (tables and plots) of a sweep "
                               "or compare directory")
@@ -222,7 +224,12 @@ def _dispatch_sweep(args, extra) -> int:
         return 0
     if not args.config:
         raise TellInputError("tell sweep needs --config FILE.yaml (base settings and a grid:), or --status")
-    status = sweep.run_sweep(args.config, overrides)
+    try:
+        status = sweep.run_sweep(args.config, overrides, release=args.release_running)
+    except KeyboardInterrupt:
+        print("tell sweep: stopped; the cell it was running is left to run again (its training resumes from "
+              "its last checkpoint): run the same command to go on", file=sys.stderr)
+        return 130
     print(status_text(status))
     print(f"[tell] results in {status['out']}/sweep.sqlite; report in {status['out']}/report.md")
     return 0

@@ -8,12 +8,15 @@ A finished cell is never run again; a killed sweep resumes and loses at most the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ from tell.config import ARMS, AnchorConfig, RunConfig, config_dict, config_from_
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
 from tell.data import TellInputError
 from tell.sweep_eta import PROGRESS, sweep_status
-from tell.sweep_store import claim, db_path, fail, finish, open_store, planned_cells, recover_stale, register
+from tell.sweep_store import (claim, db_path, fail, finish, open_store, planned_cells, recover_stale, register,
+                              release_running, running_elsewhere)
 
 # Short axis names → the config keys each sets; any dotted config key is an axis too.
 AXES = {
@@ -193,16 +197,36 @@ def plan_sweep(config_path: str | Path, overrides: dict | None = None) -> tuple[
     return base, out
 
 
-def run_sweep(config_path: str | Path, overrides: dict | None = None, write_report: bool = True) -> dict:
-    """Run every cell of the sweep that is not done yet; return the status after the run."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `docker stop`'s, `kill`'s default) stops the sweep as Ctrl-C does: the cell
+    goes back to pending in the store, so any host can take it up, instead of staying 'running'."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_sweep(config_path: str | Path, overrides: dict | None = None, write_report: bool = True,
+              release: bool = False) -> dict:
+    """Run every cell of the sweep that is not done yet; return the status after the run. `release` first
+    gives back the cells another host left 'running' (see `sweep_store.release_running`)."""
     from tell.compare import run_cell
     base, out = plan_sweep(config_path, overrides)
     conn = open_store(db_path(out))
+    if release and (released := release_running(conn)):
+        print(f"[tell] sweep: {released} cell(s) marked running were released and will run here", file=sys.stderr)
     if recovered := recover_stale(conn):
         print(f"[tell] sweep: {recovered} cell(s) left running by a killed sweep will run again", file=sys.stderr)
     ran = 0
     from tell.model import shared_base
-    with shared_base():  # one base model for all cells of this call, restored between them
+    with shared_base(), _sigterm_as_interrupt():  # one base model for all cells of this call
         for row in planned_cells(conn):
             if base.sweep.max_cells and ran >= base.sweep.max_cells:
                 break
@@ -221,10 +245,21 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
                 print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
                 continue
             finish(conn, row["key"], _stored_result(result, out / "cells" / row["key"]), time.perf_counter() - start)
+    _say_running_elsewhere(conn, config_path)
     conn.close()
     if write_report:
         write_sweep_report(out)
     return {**sweep_status(out), "out": str(out)}
+
+
+def _say_running_elsewhere(conn, config_path) -> None:
+    """Name the cells left to another host's sweep, and how to take them over if that sweep is gone."""
+    if not (rows := running_elsewhere(conn)):
+        return
+    cells = "; ".join(f"{r['key']} ({r['label']}) on {r['host']}, pid {r['pid']}" for r in rows)
+    print(f"[tell] sweep: left to the sweep that claimed them: {cells}. If none runs there any more (a copied "
+          f"folder, a renamed machine), `tell sweep --config {config_path} --release-running` runs them here.",
+          file=sys.stderr)
 
 
 def _stored_result(result: dict, cell_dir: Path) -> dict:

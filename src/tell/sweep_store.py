@@ -79,6 +79,22 @@ def recover_stale(conn: sqlite3.Connection) -> int:
     return len(stale)
 
 
+def running_elsewhere(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Return the 'running' cells claimed on another host: this one cannot tell whether they still run."""
+    return list(conn.execute("SELECT key, label, pid, host FROM cells WHERE status = 'running' AND host IS NOT ?",
+                             (socket.gethostname(),)))
+
+
+def release_running(conn: sqlite3.Connection) -> int:
+    """Put the 'running' cells of other hosts back to pending (the caller vouches that none runs there any
+    more: a copied sweep folder, a renamed machine); return how many. This host's live cells keep running."""
+    keys = [r["key"] for r in running_elsewhere(conn)]
+    for key in keys:
+        conn.execute("UPDATE cells SET status = 'pending', pid = NULL, error = 'released: its host was said to "
+                     "run it no more' WHERE key = ? AND status = 'running'", (key,))
+    return len(keys) + recover_stale(conn)
+
+
 def claim(conn: sqlite3.Connection, key: str) -> bool:
     """Mark a pending or failed cell as running by this process; return False if another took it first."""
     with _transaction(conn):
