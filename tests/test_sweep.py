@@ -89,6 +89,28 @@ def test_status_estimates_left_cells_from_the_default_rates(tmp_path):
     assert "left: 2" in status_text(status)
 
 
+def test_cells_with_general_rows_are_estimated_at_the_rate_such_cells_trained(tmp_path):
+    """Long general rows (ShareGPT's, cut at 2k tokens) train slower than task rows: a left TELL cell is timed
+    at the rate of the finished cells that had general rows, an SFT cell at the rate over all cells."""
+    def done(arm, tokens, seconds, general_rows):
+        metrics = {"n": 0, "trained_tokens": tokens, "task_tokens": 0, "general_tokens": 0,
+                   "general_rows": general_rows}
+        return {"result": json.dumps({"metrics": metrics, "timing": {"train_s": seconds}}),
+                "config": json.dumps({"compare": {"arms": arm}})}
+    rates = sweep_eta.measured_rates([done("sft", 44_000, 200, 0), done("tell", 30_000, 200, 20)])
+    assert (rates["train_tok_s"], rates["train_tok_s_general"]) == (185.0, 150.0)
+    # a training resumed from a checkpoint: its summary's wall time covers every sitting, the stage only the last
+    resumed = {**done("tell", 30_000, 100, 20), "key": "abc"}
+    (tmp_path / "cells" / "abc").mkdir(parents=True)
+    (tmp_path / "cells" / "abc" / "train_summary.json").write_text(json.dumps({"wall_s": 300.0}))
+    assert sweep_eta.measured_rates([resumed], tmp_path)["train_tok_s_general"] == 100.0
+    path = write_yaml(tmp_path / "s.yaml", {"eval": {"limit": 1}, "grid": {"method": ["sft", "tell"]}})
+    sft, tell = (cell.cfg for cell in sweep.expand_grid(*sweep.load_sweep(path)))
+    slow, fast = {**rates, "train_tok_s_general": 50.0}, {**rates, "train_tok_s_general": 185.0}
+    assert sweep_eta.estimate_cell_s(tell, slow) > sweep_eta.estimate_cell_s(tell, fast)
+    assert sweep_eta.estimate_cell_s(sft, slow) == sweep_eta.estimate_cell_s(sft, fast)
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -31,7 +31,7 @@ def sweep_status(out: str | Path) -> dict:
     recover_stale(conn)
     rows = planned_cells(conn)
     conn.close()
-    rates = measured_rates([r for r in rows if r["status"] == "done"])
+    rates = measured_rates([r for r in rows if r["status"] == "done"], Path(out))
     left = [r for r in rows if r["status"] in ("pending", "failed")]
     running = [r for r in rows if r["status"] == "running"]
     progress = {r["key"]: training_progress(Path(out), r["key"]) for r in left + running}
@@ -72,17 +72,33 @@ def training_progress(out: Path, key: str) -> dict | None:
     return {"steps_done": done, "steps_planned": min(planned, train["max_steps"] or planned)}
 
 
-def measured_rates(done_rows: list) -> dict:
-    """Return training tok/s, eval s per test row (at 192 new tokens) and tokens per task and per general
-    row, measured on finished cells where they ran (cached stages take ~0 s and are left out); defaults
-    otherwise (per general pool: GENERAL_ROW_TOKENS)."""
+def _training_seconds(row, timing: dict, out: Path | None) -> float:
+    """Return the wall seconds of a cell's training over all its sittings (its train_summary.json): the cell's
+    train stage time counts only the last sitting of a training resumed from a checkpoint."""
+    try:
+        return float(json.loads((out / "cells" / row["key"] / "train_summary.json").read_text())["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return timing["train_s"]
+
+
+def measured_rates(done_rows: list, out: Path | None = None) -> dict:
+    """Return training tok/s (over all cells, and `train_tok_s_general` over the cells that trained on general
+    rows, whose rows may be longer: ShareGPT's 2k-token rows ran at ~155 tok/s where Halu rows ran at ~215),
+    eval s per test row (at 192 new tokens) and tokens per task and per general row, measured on finished
+    cells where they ran (cached stages take ~0 s and are left out); defaults otherwise (per general pool:
+    GENERAL_ROW_TOKENS)."""
     rates, train, evals, sizes, general = dict(DEFAULT_RATES), [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    train_general = [0.0, 0.0]
     for row in done_rows:
         result = json.loads(row["result"])
         metrics, timing, cfg = result["metrics"], result["timing"], json.loads(row["config"])
-        if timing.get("train_s", 0) > 5:
+        if timing.get("train_s", 0) > 5:  # trained by this sweep, not taken from the cache
+            seconds = _training_seconds(row, timing, out)
             train[0] += metrics.get("trained_tokens", 0)
-            train[1] += timing["train_s"]
+            train[1] += seconds
+            if metrics.get("general_rows"):
+                train_general[0] += metrics.get("trained_tokens", 0)
+                train_general[1] += seconds
         if timing.get("eval_s", 0) > 5 and metrics.get("n"):
             budget = metrics.get("generation", {}).get("max_new_tokens") or 192
             evals[0] += metrics["n"] * budget / 192
@@ -93,7 +109,8 @@ def measured_rates(done_rows: list) -> dict:
         if metrics.get("general_rows"):
             general[0] += metrics["general_tokens"]
             general[1] += metrics["general_rows"]
-    for key, (num, den) in (("train_tok_s", train), ("eval_s_per_row", (evals[1], evals[0])),
+    for key, (num, den) in (("train_tok_s", train), ("train_tok_s_general", train_general),
+                            ("eval_s_per_row", (evals[1], evals[0])),
                             ("task_row_tokens", sizes), ("general_row_tokens", general)):
         if num > 0 and den > 0:
             rates[key] = round(num / den, 3)
@@ -114,6 +131,9 @@ def estimate_cell_s(cfg: RunConfig, rates: dict, progress: dict | None = None) -
                "tell": (task_tokens + general_tokens) * cfg.train.epochs, "general": general_tokens}[arm]
     if progress and progress["steps_planned"]:
         trained *= 1 - progress["steps_done"] / progress["steps_planned"]
+    tok_s = rates["train_tok_s"]
+    if arm in ("tell", "general"):
+        tok_s = rates.get("train_tok_s_general", tok_s)
     test_rows = cfg.eval.limit or 100
     budget = (cfg.generate.max_new_tokens or 192) / 192
-    return rates["overhead_s"] + trained / rates["train_tok_s"] + test_rows * rates["eval_s_per_row"] * budget
+    return rates["overhead_s"] + trained / tok_s + test_rows * rates["eval_s_per_row"] * budget

@@ -251,10 +251,12 @@ def points_table(curves: dict[str, list[Point]], x_name: str) -> str:
 def status_text(status: dict) -> str:
     """Return the status as a few lines of text (what `tell sweep --status` prints)."""
     hours, rest = divmod(status["estimate_left_s"], 3600)
+    rates = status["rates"]
+    general = f", {rates['train_tok_s_general']:g} with general rows" if "train_tok_s_general" in rates else ""
     lines = [f"cells: {status['cells']}  done: {status['done']}  running: {status['running']}  "
              f"left: {status['left']} (failed: {status['failed']})",
-             f"estimated time left: {hours} h {rest // 60:02d} min (training {status['rates']['train_tok_s']:g} "
-             f"tok/s, {status['rates']['eval_s_per_row']:g} s per test row at 192 new tokens)"]
+             f"estimated time left: {hours} h {rest // 60:02d} min (training {rates['train_tok_s']:g} tok/s{general}, "
+             f"{rates['eval_s_per_row']:g} s per test row at 192 new tokens)"]
     lines += [f"running: {c['key']} {c['label']} (pid {c['pid']} on {c['host']}, {c['elapsed_s']} s"
               + _steps(c.get("training")) + ")" for c in status["running_cells"]]
     lines += [f"interrupted: {c['key']} {c['label']} ({_steps(c['training'])[2:]}; resumes from its last checkpoint)"
