@@ -150,7 +150,8 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
 
 def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(tiny_model_dir, tmp_path):
     """SIGTERM (a scheduler's stop, `kill`) mid-training: exit 130 with a one-line message, no traceback, and the
-    cell back to pending in the store (not 'running' under this host's name), its checkpoint kept."""
+    cell back to pending in the store (not 'running' under this host's name). That such a cell resumes from its
+    checkpoint is the SIGKILL test's above."""
     from tell import sweep
     config = _sweep_yaml(tmp_path, tiny_model_dir)
     cache, out = tmp_path / "cache", tmp_path / "sw"

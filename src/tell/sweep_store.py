@@ -87,12 +87,10 @@ def running_elsewhere(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 def release_running(conn: sqlite3.Connection) -> int:
     """Put the 'running' cells of other hosts back to pending (the caller vouches that none runs there any
-    more: a copied sweep folder, a renamed machine); return how many. This host's live cells keep running."""
-    keys = [r["key"] for r in running_elsewhere(conn)]
-    for key in keys:
-        conn.execute("UPDATE cells SET status = 'pending', pid = NULL, error = 'released: its host was said to "
-                     "run it no more' WHERE key = ? AND status = 'running'", (key,))
-    return len(keys) + recover_stale(conn)
+    more: a copied sweep folder, a renamed machine); return how many. This host's cells are recover_stale's."""
+    cursor = conn.execute("UPDATE cells SET status = 'pending', pid = NULL, error = 'released: its host was said to "
+                          "run it no more' WHERE status = 'running' AND host IS NOT ?", (socket.gethostname(),))
+    return cursor.rowcount
 
 
 def claim(conn: sqlite3.Connection, key: str) -> bool:
