@@ -89,6 +89,18 @@ def test_status_estimates_left_cells_from_the_default_rates(tmp_path):
     assert "left: 2" in status_text(status)
 
 
+def test_planning_an_unchanged_sweep_again_leaves_its_database_byte_for_byte(tmp_path):
+    grid = {"method": ["sft", "tell"], "task_rows": [2]}
+    path = write_yaml(tmp_path / "s.yaml", {"out": str(tmp_path / "sw"), "eval": {"limit": 10}, "grid": grid})
+    sweep.plan_sweep(path)
+    before = (tmp_path / "sw" / "sweep.sqlite").read_bytes()
+    sweep.plan_sweep(path)  # what `tell sweep --status --config` does: a committed folder must stay clean in git
+    assert (tmp_path / "sw" / "sweep.sqlite").read_bytes() == before
+    write_yaml(path, {"out": str(tmp_path / "sw"), "eval": {"limit": 10}, "grid": {**grid, "task_rows": [2, 3]}})
+    sweep.plan_sweep(path)  # a changed plan is written
+    assert sweep_eta.sweep_status(tmp_path / "sw")["cells"] == 4
+
+
 def test_cells_with_general_rows_are_estimated_at_the_rate_such_cells_trained(tmp_path):
     """Long general rows (ShareGPT's, cut at 2k tokens) train slower than task rows: a left TELL cell is timed
     at the rate of the finished cells that had general rows, an SFT cell at the rate over all cells."""

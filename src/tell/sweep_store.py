@@ -38,13 +38,24 @@ def open_store(path: str | Path) -> sqlite3.Connection:
 
 def register(conn: sqlite3.Connection, cells: list, settings: dict | None = None) -> None:
     """Add new cells (sweep.Cell: key, label, cfg) as pending (known cells keep their state), make `cells` the sweep's plan and keep the
-    sweep settings (metric, resamples) for the report."""
+    sweep settings (metric, resamples) for the report. A plan already registered as it is writes nothing, so
+    `tell sweep --status` leaves a committed sweep.sqlite byte for byte as it was."""
+    if _registered_as(conn, [c.key for c in cells], json.dumps(settings or {})):
+        return
     with _transaction(conn):
         conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
         conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
                          [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
         conn.execute("DELETE FROM plan")
         conn.executemany("INSERT INTO plan (key, position) VALUES (?, ?)", [(c.key, i) for i, c in enumerate(cells)])
+
+
+def _registered_as(conn: sqlite3.Connection, keys: list[str], settings: str) -> bool:
+    """Return whether the database already holds exactly this plan, these settings and every one of its cells."""
+    meta = conn.execute("SELECT value FROM meta WHERE name = 'sweep'").fetchone()
+    plan = [r["key"] for r in conn.execute("SELECT key FROM plan ORDER BY position")]
+    known = {r["key"] for r in conn.execute("SELECT key FROM cells")}
+    return meta is not None and meta["value"] == settings and plan == keys and known.issuperset(keys)
 
 
 @contextmanager
