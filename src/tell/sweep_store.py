@@ -40,10 +40,11 @@ def register(conn: sqlite3.Connection, cells: list, settings: dict | None = None
     """Add new cells (sweep.Cell: key, label, cfg) as pending (known cells keep their state), make `cells` the sweep's plan and keep the
     sweep settings (metric, resamples) for the report. A plan already registered as it is writes nothing, so
     `tell sweep --status` leaves a committed sweep.sqlite byte for byte as it was."""
-    if _registered_as(conn, [c.key for c in cells], json.dumps(settings or {})):
+    settings_json = json.dumps(settings or {})
+    if _registered_as(conn, [c.key for c in cells], settings_json):
         return
     with _transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (json.dumps(settings or {}),))
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('sweep', ?)", (settings_json,))
         conn.executemany("INSERT OR IGNORE INTO cells (key, label, config) VALUES (?, ?, ?)",
                          [(c.key, c.label, json.dumps(config_dict(c.cfg))) for c in cells])
         conn.execute("DELETE FROM plan")
