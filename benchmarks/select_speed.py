@@ -51,19 +51,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4007)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="as `tell select --dtype` (auto: fp32 on every CPU; bf16 is the opt-in fast path where "
+                             "the CPU has avx512_bf16 or AMX)")
+    parser.add_argument("--model", default="default",
+                        help="as `tell select --model` (a directory of the embedded model's shape with random weights "
+                             "embeds at the same speed)")
     parser.add_argument("--plain", type=int, default=0, help="also time this many rows without the shared prefix")
     args = parser.parse_args()
     import torch
     from tell.config import ModelConfig
     from tell.generate import common_prefix_length, load_for_generation
     from tell.hardware import cpu_label, machine
-    run = load_for_generation(None, ModelConfig())
+    run = load_for_generation(None, ModelConfig(name=args.model, dtype=args.dtype))
     texts = halu_texts(args.rows, run.tokenizer)
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     lengths, prefix = [len(e) for e in encoded], common_prefix_length(encoded)
     seconds = timed(run.model, run.tokenizer, texts, args.batch_size)
     total = flops(run.model, lengths, prefix)
-    result = {"rows": len(texts), "prompt_tokens": sum(lengths), "shared_prefix_tokens": prefix,
+    result = {"model": args.model, "rows": len(texts), "prompt_tokens": sum(lengths), "shared_prefix_tokens": prefix,
               "computed_tokens": sum(lengths) - prefix * (len(texts) - 1), "batch_size": args.batch_size,
               "seconds": round(seconds, 1), "rows_per_s": round(len(texts) / seconds, 2),
               "computed_tok_per_s": round((sum(lengths) - prefix * (len(texts) - 1)) / seconds, 1),

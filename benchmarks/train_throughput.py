@@ -101,7 +101,8 @@ def worker_trl(args) -> dict:
     from tell.config import ModelConfig
     from tell.model import load_model
     torch.manual_seed(42)
-    model, tokenizer = load_model(ModelConfig(device="cpu", dtype="fp32"))  # the Trainer casts for bf16 itself
+    # fp32 weights: the Trainer casts for bf16 itself
+    model, tokenizer = load_model(ModelConfig(name=args.model, device="cpu", dtype="fp32"))
     mix = build_mix(args.task_rows, args.ratio, tokenizer)
     rows = [{"prompt": list(r.example.prompt_messages), "completion": [r.example.messages[-1]]} for r in mix.rows]
     steps = args.max_steps or -(-len(rows) // 16)
@@ -153,7 +154,7 @@ def worker_tell(args) -> dict:
     from tell.config import ModelConfig, TrainConfig
     from tell.model import autocast_dtype, load_model, pick_device
     from tell.train import can_pack, train_lora
-    cfg_model = ModelConfig(device="cpu", dtype=args.dtype)
+    cfg_model = ModelConfig(name=args.model, device="cpu", dtype=args.dtype)
     model, tokenizer = load_model(cfg_model)
     mix = build_mix(args.task_rows, args.ratio, tokenizer)
     cfg = TrainConfig(max_steps=args.max_steps, micro_batch_tokens=args.micro_batch_tokens)
@@ -174,7 +175,7 @@ def worker_tell(args) -> dict:
 
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--task-rows", str(args.task_rows), "--ratio", args.ratio,
-           "--micro-batch-tokens", str(args.micro_batch_tokens), "--dtype", args.dtype,
+           "--micro-batch-tokens", str(args.micro_batch_tokens), "--dtype", args.dtype, "--model", args.model,
            "--max-steps", str(args.default_steps if name == "trl_default" else args.max_steps)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -198,6 +199,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=768)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="dtype of both sides (auto: bf16 where the CPU has it natively, else fp32)")
+    parser.add_argument("--model", default="default",
+                        help="the model both sides train (default: the embedded SmolLM2-135M-Instruct; a directory of "
+                             "the same shape with random weights trains at the same speed)")
     parser.add_argument("--worker", choices=["tell", "trl_fast", "trl_default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -219,13 +223,13 @@ def main() -> None:
               "print(torch.__version__.split(\"+\")[0])')", file=sys.stderr)
         sys.exit(2)
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores it may use (taskset), not the host's
     limit = matmul_gflops(args.dtype)
     results = {name: run_worker(name, args) if name != "trl_default" or args.default_steps else
                {"error": "skipped (--default-steps 0; --quick skips it)"} for name in ("tell", "trl_fast", "trl_default")}
     tell, fast, default = results["tell"], results["trl_fast"], results["trl_default"]
     summary = {
-        "benchmark": "train_throughput", "quick": args.quick, "task_rows": args.task_rows, "ratio": args.ratio,
+        "benchmark": "train_throughput", "model": args.model, "quick": args.quick, "task_rows": args.task_rows, "ratio": args.ratio,
         "cpu": cpu_kind(), "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "tell_tokens_per_s": tell.get("tokens_per_s"), "trl_tokens_per_s": fast.get("tokens_per_s"),
         "trl_default_tokens_per_s": default.get("tokens_per_s"),
