@@ -38,7 +38,7 @@ def test_rows(n: int):
     return task, task.test_rows(n, 0)
 
 
-def worker(part: str, n: int, max_new_tokens: int, model: str = "default") -> dict:
+def worker(part: str, n: int, max_new_tokens: int, model_name: str = "default") -> dict:
     import torch
     from tell.config import GenerateConfig, ModelConfig
     from tell.evaluate import evaluate
@@ -47,7 +47,7 @@ def worker(part: str, n: int, max_new_tokens: int, model: str = "default") -> di
     cfg = GenerateConfig(greedy=True, max_new_tokens=max_new_tokens)
     if part in ("loop", "loop_bf16"):
         dtype = "fp32" if part == "loop" else "bf16"
-        run = load_for_generation(None, ModelConfig(name=model, device="cpu", dtype=dtype))
+        run = load_for_generation(None, ModelConfig(name=model_name, device="cpu", dtype=dtype))
         model, tokenizer = run.model, run.tokenizer
         texts = prompt_texts(run, [r.messages for r in rows])
         outputs, start = [], time.perf_counter()
@@ -62,7 +62,7 @@ def worker(part: str, n: int, max_new_tokens: int, model: str = "default") -> di
         metrics = task.score(outputs, [r.reference for r in rows])
         new_tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     else:
-        run = load_for_generation(None, ModelConfig(name=model, device="cpu",
+        run = load_for_generation(None, ModelConfig(name=model_name, device="cpu",
                                                      dtype="bf16" if part == "tell_bf16" else "auto"))
         result = evaluate(run, task, rows, cfg, progress=False)
         outputs = [r["output"] for r in result.rows]

@@ -52,8 +52,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4007)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="as `tell select --dtype` (auto: fp32 on every CPU; bf16 is the opt-in fast path where "
+                        help="as `tell select --dtype` (auto: fp32 on a CPU; bf16 is the opt-in fast path where "
                              "the CPU has avx512_bf16 or AMX)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default: this benchmark times the CPU, also on a machine with a GPU), cuda or auto")
     parser.add_argument("--model", default="default",
                         help="as `tell select --model` (a directory of the embedded model's shape with random weights "
                              "embeds at the same speed)")
@@ -63,7 +65,7 @@ def main() -> None:
     from tell.config import ModelConfig
     from tell.generate import common_prefix_length, load_for_generation
     from tell.hardware import cpu_label, machine
-    run = load_for_generation(None, ModelConfig(name=args.model, dtype=args.dtype))
+    run = load_for_generation(None, ModelConfig(name=args.model, dtype=args.dtype, device=args.device))
     texts = halu_texts(args.rows, run.tokenizer)
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     lengths, prefix = [len(e) for e in encoded], common_prefix_length(encoded)
@@ -75,7 +77,8 @@ def main() -> None:
               "computed_tok_per_s": round((sum(lengths) - prefix * (len(texts) - 1)) / seconds, 1),
               "gflop": round(total / 1e9, 1), "gflop_per_s": round(total / 1e9 / seconds, 1),
               "projected_s_4007_rows": round(seconds * 4007 / len(texts)),
-              "dtype": str(next(run.model.parameters()).dtype), "threads": torch.get_num_threads(),
+              "dtype": str(next(run.model.parameters()).dtype), "device": str(next(run.model.parameters()).device),
+              "threads": torch.get_num_threads(),
               "cpu": machine("cpu")["cpu"], "cpu_kind": cpu_label()}
     if args.plain:
         subset = texts[:args.plain]

@@ -1,6 +1,6 @@
 """Benchmark: LoRA training throughput of `tell train` vs TRL's SFTTrainer on the same rows.
 
-Same model (the embedded SmolLM2-135M-Instruct), same rows (a TELL mix: anchored Halu-CoT-JSON task rows
+Same model (the embedded SmolLM2-135M-Instruct, or ``--model``), same rows (a TELL mix: anchored Halu-CoT-JSON task rows
 shuffled into Alpaca demo rows at a token ratio), same LoRA config (r 8, alpha 32, dropout 0.05 on
 q_proj, v_proj) and the same 16 rows per optimizer step. Each configuration runs in its own subprocess so
 that its peak RSS is its own:
@@ -223,13 +223,16 @@ def main() -> None:
               "print(torch.__version__.split(\"+\")[0])')", file=sys.stderr)
         sys.exit(2)
     import torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores it may use (taskset), not the host's
+    # the cores this process may use (taskset), not the host's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
     limit = matmul_gflops(args.dtype)
     results = {name: run_worker(name, args) if name != "trl_default" or args.default_steps else
                {"error": "skipped (--default-steps 0; --quick skips it)"} for name in ("tell", "trl_fast", "trl_default")}
     tell, fast, default = results["tell"], results["trl_fast"], results["trl_default"]
     summary = {
-        "benchmark": "train_throughput", "model": args.model, "quick": args.quick, "task_rows": args.task_rows, "ratio": args.ratio,
+        "benchmark": "train_throughput", "model": args.model, "quick": args.quick, "task_rows": args.task_rows,
+        "ratio": args.ratio,
         "cpu": cpu_kind(), "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "tell_tokens_per_s": tell.get("tokens_per_s"), "trl_tokens_per_s": fast.get("tokens_per_s"),
         "trl_default_tokens_per_s": default.get("tokens_per_s"),

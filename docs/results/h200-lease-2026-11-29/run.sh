@@ -1,5 +1,5 @@
 #!/bin/bash
-# One lease: GPU readiness check (cores 4-15) while three CPU benchmarks run on 2 pinned cores each.
+# One lease: GPU readiness check (cores 4-13) while three CPU benchmarks run on 2 pinned cores each.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TELL_CACHE=/tmp/tellcache TOKENIZERS_PARALLELISM=false
 D=.devrun; O=${OUT:-/tmp/out}; mkdir -p $O
