@@ -186,7 +186,7 @@ def rope_part(model_dir: str, device: torch.device) -> dict:
 def generate_part(run_dir: Path, device: torch.device, answers: int, max_new_tokens: int) -> dict:
     """Greedy answers to Halu-CoT-JSON test prompts with both backends; speed and agreement."""
     from tell.config import GenerateConfig, ModelConfig
-    from tell.generate import generate_texts, load_for_generation, prompt_texts, stop_token_ids
+    from tell.generate import answer_token_count, generate_texts, load_for_generation, prompt_texts, stop_token_ids
     from tell.tasks import get_task
     from tell.vllm_backend import vllm_imports
     rows = get_task("halu-cot-json").test_rows(answers, 0)
@@ -198,7 +198,7 @@ def generate_part(run_dir: Path, device: torch.device, answers: int, max_new_tok
     start = time.perf_counter()
     hf = generate_texts(run.model, run.tokenizer, texts, cfg, max_new_tokens, progress=False)
     wall = time.perf_counter() - start
-    tokens = new_tokens(run.tokenizer, hf, max_new_tokens)
+    tokens = answer_token_count(run.tokenizer, hf, max_new_tokens)
     result["transformers"] = {"wall_s": round(wall, 2), "new_tokens": tokens, "new_tokens_per_s": round(tokens / wall, 1),
                               "stop_ids": list(stop_token_ids(run.model, run.tokenizer))}
     if not vllm_imports():
@@ -213,19 +213,13 @@ def generate_part(run_dir: Path, device: torch.device, answers: int, max_new_tok
     start = time.perf_counter()
     vl_again = vllm_texts(run, texts, cfg, max_new_tokens)  # the same engine: generation time alone
     warm = time.perf_counter() - start
-    tokens = new_tokens(run.tokenizer, vl, max_new_tokens)
+    tokens = answer_token_count(run.tokenizer, vl, max_new_tokens)
     same = sum(a == b for a, b in zip(hf, vl))
     result["vllm"] = {"wall_s_with_engine_start": round(wall, 2), "wall_s": round(warm, 2), "new_tokens": tokens,
                       "new_tokens_per_s": round(tokens / warm, 1), "repeatable": vl == vl_again}
     result["agreement"] = {"identical_answers": same, "of": len(texts),
                            "mean_common_prefix_chars": round(sum(_common(a, b) for a, b in zip(hf, vl)) / len(vl), 1)}
     return result
-
-
-def new_tokens(tokenizer, answers: list[str], max_new_tokens: int) -> int:
-    """Return the answers' tokens, each re-tokenised and capped at the budget it was generated under (a random
-    model's decoded text can re-tokenise into more ids than it generated)."""
-    return sum(min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), max_new_tokens) for a in answers)
 
 
 def _common(a: str, b: str) -> int:

@@ -70,6 +70,7 @@ def main() -> None:
     encoded = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     lengths, prefix = [len(e) for e in encoded], common_prefix_length(encoded)
     seconds = timed(run.model, run.tokenizer, texts, args.batch_size)
+    weight = next(run.model.parameters())
     total = flops(run.model, lengths, prefix)
     result = {"model": args.model, "rows": len(texts), "prompt_tokens": sum(lengths), "shared_prefix_tokens": prefix,
               "computed_tokens": sum(lengths) - prefix * (len(texts) - 1), "batch_size": args.batch_size,
@@ -77,7 +78,7 @@ def main() -> None:
               "computed_tok_per_s": round((sum(lengths) - prefix * (len(texts) - 1)) / seconds, 1),
               "gflop": round(total / 1e9, 1), "gflop_per_s": round(total / 1e9 / seconds, 1),
               "projected_s_4007_rows": round(seconds * 4007 / len(texts)),
-              "dtype": str(next(run.model.parameters()).dtype), "device": str(next(run.model.parameters()).device),
+              "dtype": str(weight.dtype), "device": str(weight.device),
               "threads": torch.get_num_threads(),
               "cpu": machine("cpu")["cpu"], "cpu_kind": cpu_label()}
     if args.plain:

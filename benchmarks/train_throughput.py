@@ -1,7 +1,7 @@
 """Benchmark: LoRA training throughput of `tell train` vs TRL's SFTTrainer on the same rows.
 
-Same model (the embedded SmolLM2-135M-Instruct, or ``--model``), same rows (a TELL mix: anchored Halu-CoT-JSON task rows
-shuffled into Alpaca demo rows at a token ratio), same LoRA config (r 8, alpha 32, dropout 0.05 on
+Same model (the embedded SmolLM2-135M-Instruct, or ``--model``), same rows (a TELL mix: anchored Halu-CoT-JSON
+task rows shuffled into Alpaca demo rows at a token ratio), same LoRA config (r 8, alpha 32, dropout 0.05 on
 q_proj, v_proj) and the same 16 rows per optimizer step. Each configuration runs in its own subprocess so
 that its peak RSS is its own:
 
@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 
-from tell.hardware import CPU_FLAGS, cpu_kind  # noqa: F401  (one definition of a CPU kind: runs record it too)
+from tell.hardware import CPU_FLAGS, cpu_kind, usable_cores  # noqa: F401  (one definition of a CPU kind: runs record it too)
 
 ANCHOR = "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict."
 
@@ -223,9 +223,7 @@ def main() -> None:
               "print(torch.__version__.split(\"+\")[0])')", file=sys.stderr)
         sys.exit(2)
     import torch
-    # the cores this process may use (taskset), not the host's
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    torch.set_num_threads(usable_cores())  # the cores this process may use (taskset), not the host's
     limit = matmul_gflops(args.dtype)
     results = {name: run_worker(name, args) if name != "trl_default" or args.default_steps else
                {"error": "skipped (--default-steps 0; --quick skips it)"} for name in ("tell", "trl_fast", "trl_default")}

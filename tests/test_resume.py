@@ -148,10 +148,12 @@ def test_a_sweep_cell_killed_mid_training_resumes_from_its_last_checkpoint(tiny_
     assert sweep_eta.sweep_status(tmp_path / "broken")["done"] == 1
 
 
-def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(tiny_model_dir, tmp_path):
+def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(tiny_model_dir, tmp_path, capsys,
+                                                                            monkeypatch):
     """SIGTERM (a scheduler's stop, `kill`) mid-training: exit 130 with a one-line message, no traceback, and the
-    cell back to pending in the store (not 'running' under this host's name). That such a cell resumes from its
-    checkpoint is the SIGKILL test's above."""
+    cell back to pending in the store (not 'running' under this host's name), its last checkpoint packed into the
+    cell's folder. The sweep folder moved to another "machine" (an empty cache) resumes the cell from that
+    checkpoint and ends with the adapter of an unbroken run."""
     from tell import sweep
     config = _sweep_yaml(tmp_path, tiny_model_dir)
     cache, out = tmp_path / "cache", tmp_path / "sw"
@@ -169,6 +171,25 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(ti
     (row,) = sweep.planned_cells(conn)
     assert (row["status"], row["pid"], row["error"]) == ("pending", None, "interrupted")
     conn.close()
+    packed = out / "cells" / row["key"] / sweep.RESUME_FILE
+    assert packed.is_file() and "the sweep folder resumes it" in err
+
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-unbroken"))
+    assert cli.main(["sweep", "--config", str(config), "--out", str(tmp_path / "unbroken")]) == 0
+    unbroken = next((tmp_path / "cache-unbroken" / "runs").iterdir())
+    moved = tmp_path / "elsewhere" / "sw"
+    shutil.copytree(out, moved)
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-elsewhere"))
+    capsys.readouterr()
+    assert cli.main(["sweep", "--config", str(config), "--out", str(moved)]) == 0
+    err = capsys.readouterr().err
+    assert "unpacked the cell's checkpoint" in err and "resuming the interrupted training" in err
+    resumed = tmp_path / "cache-elsewhere" / "runs" / unbroken.name
+    assert len(_losses(resumed)) == len(_losses(unbroken)) and _losses(resumed) == _losses(unbroken)
+    a = load_file(unbroken / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert not (moved / "cells" / row["key"] / sweep.RESUME_FILE).exists()  # a finished cell keeps no checkpoint
 
 
 def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 from tell.diagnostics import output_diagnostics
 from tell.config import GenerateConfig
 from tell.data import Example, TellInputError, read_records
-from tell.generate import LoadedRun, answer_texts, generation_path, prompt_texts
+from tell.generate import LoadedRun, answer_texts, answer_token_count, generation_path, prompt_texts
 from tell.mix import encode_examples
 from tell.model import context_length
 from tell.packing import (Row, can_pack, collate, collate_packed, micro_batches, packed_micro_batches,
@@ -69,7 +69,7 @@ def evaluate(run: LoadedRun, task: Task, rows: list[TestRow], cfg: GenerateConfi
                for r, t, o, s in zip(rows, texts, outputs, scores)]
     metrics = task.score(outputs, references)
     metrics.update(diagnostics(task, outputs, references, run.anchor, run_targets(run)))
-    new_tokens = sum(len(run.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    new_tokens = answer_token_count(run.tokenizer, outputs, max_new_tokens)
     metrics.update(task=task.name, skipped_too_long=skipped, anchor_applied=bool(use_anchor and run.anchor),
                    generation={**asdict(cfg), "max_new_tokens": max_new_tokens}, backend=cfg.backend,
                    dtype=_dtype_of(run), generate_wall_s=round(wall, 2), new_tokens=new_tokens,

@@ -311,6 +311,12 @@ def vllm_texts(run: LoadedRun, texts: list[str], cfg: GenerateConfig, max_new_to
                         texts, cfg, max_new_tokens, stop_token_ids(run.model_path, run.tokenizer))
 
 
+def answer_token_count(tokenizer, answers: list[str], max_new_tokens: int) -> int:
+    """Return the new tokens of generated answers: each re-tokenised, capped at the budget it was generated under
+    (decoded text can re-tokenise into more ids than were generated, a random model's above all)."""
+    return sum(min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), max_new_tokens) for a in answers)
+
+
 def answer_texts(run: LoadedRun, texts: list[str], cfg: GenerateConfig, max_new_tokens: int,
                  progress: bool = True) -> list[str]:
     """Return the answers from the backend the config names (transformers or vLLM)."""

@@ -29,8 +29,13 @@ def cpu_kind() -> dict:
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor() or "?")
-    return {"model_name": name, "logical_cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
-            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+    return {"model_name": name, "logical_cores": usable_cores(), "host_logical_cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags], "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
+def usable_cores() -> int:
+    """Return the logical cores this process may run on (a taskset or container limit), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_label() -> str:
