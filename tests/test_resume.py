@@ -207,6 +207,21 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
     same.train.save_every = 7  # changes no step
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    # a run written before a setting existed (a checkpoint carried from an older version) still resumes
+    # when the new setting is at its default, which is what that run computed with
+    saved = yaml.safe_load((done / "config.yaml").read_text())
+    del saved["train"]["gradient_checkpointing"], saved["mix"]["general_tokens"]
+    manifest = json.loads((done / "manifest.json").read_text())
+    older = tmp_path / "older"
+    shutil.copytree(done, older)
+    (older / "config.yaml").write_text(yaml.safe_dump(saved))
+    (older / "manifest.json").write_text(json.dumps({k: v for k, v in list(manifest.items())[1:]}, indent=1) + "\n")
+    assert partial_differs(same, prepare_mix(same).mix, older) == ""
+    same.train.gradient_checkpointing = True
+    assert partial_differs(same, prepare_mix(same).mix, older) == "config (train.gradient_checkpointing)"
+    same.train.gradient_checkpointing = False
+    (older / "manifest.json").write_text(json.dumps({**manifest, "task_rows": -1}, indent=1) + "\n")
+    assert partial_differs(same, prepare_mix(same).mix, older) == "mix (mix.jsonl or manifest.json)"
     same.train.lr, same.mix.seed = 5e-4, 3
     assert partial_differs(same, prepare_mix(same).mix, done) == "config (mix.seed, train.lr)"
     # a partial with a checkpoint of another config: started over, and said so

@@ -75,11 +75,19 @@ def partial_differs(cfg: RunConfig, mix: Mix, partial: Path) -> str:
         saved_manifest = (partial / "manifest.json").read_text(encoding="utf-8")
     except (OSError, ValueError, yaml.YAMLError):
         return "state (its config or mix is unreadable)"
-    now = config_dict(cfg)
+    now, defaults = config_dict(cfg), config_dict(RunConfig())
+
+    def same(section: str, name: str) -> bool:
+        if name not in saved.get(section, {}):  # a setting added since that run: only its default reproduces it
+            return now[section][name] == defaults[section][name]
+        return saved[section][name] == now[section][name]
     keys = [f"{section}.{name}" for section in RESUME_SECTIONS for name in now[section]
-            if f"{section}.{name}" not in RESUME_IGNORED and saved.get(section, {}).get(name) != now[section][name]]
+            if f"{section}.{name}" not in RESUME_IGNORED and not same(section, name)]
     if keys:
         return "config (" + ", ".join(keys) + ")"
-    if saved_mix != "".join(mix_lines(mix)) or saved_manifest != json.dumps(mix.manifest, indent=1) + "\n":
+    # the rows must be identical; of the manifest, the entries both versions write (a later one may add some)
+    old_manifest, new_manifest = json.loads(saved_manifest), json.loads(json.dumps(mix.manifest))
+    if saved_mix != "".join(mix_lines(mix)) or any(old_manifest[k] != new_manifest[k]
+                                                   for k in old_manifest.keys() & new_manifest.keys()):
         return "mix (mix.jsonl or manifest.json)"
     return ""
