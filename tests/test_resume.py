@@ -179,6 +179,10 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(ti
     unbroken = next((tmp_path / "cache-unbroken" / "runs").iterdir())
     moved = tmp_path / "elsewhere" / "sw"
     shutil.copytree(out, moved)
+    shutil.rmtree(cache)  # the first machine is gone: --status reads the training step from the packed run
+    from tell import sweep_eta
+    (interrupted,) = sweep_eta.sweep_status(moved)["interrupted_cells"]
+    assert interrupted["training"]["steps_done"] >= 2
     monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-elsewhere"))
     capsys.readouterr()
     assert cli.main(["sweep", "--config", str(config), "--out", str(moved)]) == 0

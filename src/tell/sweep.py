@@ -28,7 +28,7 @@ from pathlib import Path
 from tell.config import ARMS, AnchorConfig, RunConfig, config_dict, config_from_dict, validate
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
 from tell.data import TellInputError, cache_dir
-from tell.sweep_eta import PROGRESS, sweep_status
+from tell.sweep_eta import PROGRESS, RESUME_FILE, sweep_status
 from tell.sweep_store import (claim, db_path, fail, finish, open_store, planned_cells, recover_stale, register,
                               release_running, running_elsewhere)
 
@@ -45,7 +45,6 @@ NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
 # Settings added after sweeps had run: at these values (what every earlier cell ran with) they stay out of a
 # cell's key, so finished cells keep their keys and are not run again.
 ADDED_LATER = {"model.quantize": "none", "mix.general_tokens": 0, "train.gradient_checkpointing": False}
-RESUME_FILE = "resume.tar.gz"  # in cells/<key>/ of a cell stopped mid-training: its run's last checkpoint
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
 

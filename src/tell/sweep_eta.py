@@ -3,6 +3,7 @@ left, estimated from the rates its finished cells measured (defaults until one h
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tell.data import TellInputError
 from tell.sweep_store import db_path, open_store, planned_cells, recover_stale
 
 PROGRESS = "training.json"  # in cells/<key>/ while a cell trains: where its run is written (for --status)
+RESUME_FILE = "resume.tar.gz"  # in cells/<key>/ of a cell stopped mid-training: its run's last checkpoint
 # Used for the time estimate until a cell has finished: fp32 (dtype auto on every CPU) on a 2-core avx2-only CPU,
 # PERFORMANCE.md: training ~200 tok/s, generation 1.2-2.3 s a test row by batch size. (The avx512_bf16 machines
 # trained 700-715 tok/s in bf16; their fp32 rate is not measured, so this errs long there.) Finished cells
@@ -54,12 +56,11 @@ def training_progress(out: Path, key: str) -> dict | None:
     killed: it resumes from its last checkpoint), read from its run's `.partial` directory; else None."""
     import yaml
     try:
-        run_dir = Path(json.loads((out / "cells" / key / PROGRESS).read_text())["run_dir"])
-        partial = run_dir.with_name(run_dir.name + ".partial")
-        train = yaml.safe_load((partial / "config.yaml").read_text(encoding="utf-8"))["train"]
-        manifest = json.loads((partial / "manifest.json").read_text(encoding="utf-8"))
-        log = (partial / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError, KeyError, TypeError):
+        files = _run_files(out / "cells" / key, ("config.yaml", "manifest.json", "train_log.jsonl"))
+        train = yaml.safe_load(files["config.yaml"])["train"]
+        manifest = json.loads(files["manifest.json"])
+        log = files["train_log.jsonl"].splitlines()
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError):
         return None
     done = 0
     for line in reversed(log):
@@ -70,6 +71,17 @@ def training_progress(out: Path, key: str) -> dict | None:
             continue
     planned = -(-(manifest["task_rows"] + manifest["general_rows"]) // train["batch_size"]) * train["epochs"]
     return {"steps_done": done, "steps_planned": min(planned, train["max_steps"] or planned)}
+
+
+def _run_files(cell_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """Return the named files of the run a cell was training: from this machine's `.partial` directory, else
+    from the checkpoint packed into the cell's folder (a sweep folder carried to another machine)."""
+    run_dir = Path(json.loads((cell_dir / PROGRESS).read_text())["run_dir"])
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    if all((partial / name).is_file() for name in names):
+        return {name: (partial / name).read_text(encoding="utf-8") for name in names}
+    with tarfile.open(cell_dir / RESUME_FILE) as tar:
+        return {name: tar.extractfile(f"{partial.name}/{name}").read().decode("utf-8") for name in names}
 
 
 def _training_seconds(row, timing: dict, out: Path | None) -> float:
