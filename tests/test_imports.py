@@ -3,10 +3,10 @@
 Order: config_keys → config → data → anchor → mix → model → train → generate → metrics → halu_targets → tasks →
 embed → select → evaluate → report (sweep_report: the report stage for sweeps; embed runs the model and select
 reads built-in task pools, so they come after tasks, while the chosen rows flow into anchor and mix through the
-experiments), then experiment, resume and compare (experiments built on experiment.py), sweep (its store and
-status first) and probe (experiments built on compare) and cli. config_keys and config may import data, because
-TellInputError lives in data.py, and data may import sharegpt, the reader it hands the built-in name `sharegpt`
-to. A new module must be given its place in ORDER.
+experiments), then experiment, resume and compare (experiments built on experiment.py), sweep (its store,
+status and checkpoint packing first) and probe (experiments built on compare) and cli. config_keys and config may
+import data, because TellInputError lives in data.py, and data may import sharegpt, the reader it hands the
+built-in name `sharegpt` to. A new module must be given its place in ORDER.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SRC = Path(tell.__file__).parent
 ORDER = ["config_keys", "config", "hardware", "data", "sharegpt", "anchor", "mix", "model", "checkpoint", "packing",
          "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics",
          "diagnostics", "halu_targets", "task_files", "tasks", "embed", "select", "evaluate", "report", "sweep_stats",
-         "sweep_report", "experiment", "resume", "compare", "sweep_store", "sweep_eta", "sweep", "probe", "cli"]
+         "sweep_report", "experiment", "resume", "compare", "sweep_store", "sweep_eta", "sweep_pack", "sweep", "probe", "cli"]
 ALLOWED = {("config_keys", "data"), ("config", "data"), ("data", "sharegpt")}
 
 

@@ -237,3 +237,46 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     result = resume_or_train(cfg)
     assert "holds an interrupted run with another config" in capsys.readouterr().err
     assert result.optimizer_steps == len(_losses(tmp_path / "run")) and not partial.exists()
+
+
+def test_each_new_checkpoint_of_a_training_cell_is_packed_into_its_folder(tmp_path, monkeypatch):
+    """The watcher that runs beside a training cell packs a checkpoint once it appears and again when a newer one
+    replaces it, so a sweep killed with SIGKILL still leaves its last checkpoint in the sweep folder."""
+    import tarfile
+    from tell import sweep_pack
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache"))
+    cell, partial = tmp_path / "sw" / "cells" / "abc", tmp_path / "cache" / "runs" / "k1.partial"
+    cell.mkdir(parents=True)
+    (partial / "checkpoint").mkdir(parents=True)
+    (cell / "training.json").write_text(json.dumps({"run_dir": str(partial.with_name("k1"))}))
+    (partial / "config.yaml").write_text("train: {}\n")
+
+    def packed_state(timeout: float = 10.0) -> bytes | None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with tarfile.open(cell / "resume.tar.gz") as tar:
+                    data = tar.extractfile("k1.partial/checkpoint/state.pt").read()
+                if data != seen:
+                    return data
+            except (OSError, KeyError, tarfile.TarError):
+                pass
+            time.sleep(0.01)
+        return None
+
+    seen = None
+    with sweep_pack.packing_checkpoints(cell, every_s=0.02):
+        time.sleep(0.1)
+        assert not (cell / "resume.tar.gz").exists()  # no checkpoint yet: nothing to pack
+        (partial / "checkpoint" / "state.pt").write_bytes(b"step 2")
+        seen = packed_state()
+        assert seen == b"step 2"
+        time.sleep(0.05)
+        (partial / "checkpoint" / "state.pt").write_bytes(b"step 4")
+        os.utime(partial / "checkpoint" / "state.pt", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        assert packed_state() == b"step 4"
+    assert not any(t.name == "tell-pack-checkpoints" for t in __import__("threading").enumerate())
+    shutil.rmtree(tmp_path / "cache")  # another machine: the cell's folder alone brings the run back
+    assert sweep_pack.restore_checkpoint(cell)
+    assert (partial / "checkpoint" / "state.pt").read_bytes() == b"step 4"
+    assert not sweep_pack.restore_checkpoint(cell)  # the cache holds it now: not unpacked again

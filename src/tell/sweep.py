@@ -5,8 +5,8 @@ values (its cartesian product), or a list of such mappings (the union of their p
 sweep's ``out`` directory: ``sweep.sqlite`` (one row per cell, keyed by a hash of the cell's resolved
 config), ``cells/<key>/`` (metrics, generations, run summary) and the report (``tell report DIR``).
 A finished cell is never run again; a killed sweep resumes and loses at most the cell it was running. A sweep
-stopped by Ctrl-C or SIGTERM mid-training also packs that cell's last checkpoint into ``cells/<key>/resume.tar.gz``,
-so the sweep directory alone (copied, or committed) resumes the cell on another machine with an empty cache.
+stopped mid-training also leaves that cell's last checkpoint packed in ``cells/<key>/resume.tar.gz``
+(sweep_pack.py), so the sweep directory alone (copied, or committed) resumes the cell on another machine.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import json
 import shutil
 import signal
 import sys
-import tarfile
 import threading
 import time
 import traceback
@@ -27,8 +26,9 @@ from pathlib import Path
 
 from tell.config import ARMS, AnchorConfig, RunConfig, config_dict, config_from_dict, validate
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
-from tell.data import TellInputError, cache_dir
+from tell.data import TellInputError
 from tell.sweep_eta import PROGRESS, RESUME_FILE, sweep_status
+from tell.sweep_pack import pack_checkpoint, packing_checkpoints, restore_checkpoint
 from tell.sweep_store import (claim, db_path, fail, finish, open_store, planned_cells, recover_stale, register,
                               release_running, running_elsewhere)
 
@@ -240,7 +240,8 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
             start, cell_dir = time.perf_counter(), out / "cells" / row["key"]
             restore_checkpoint(cell_dir)
             try:
-                result = run_cell(config_from_dict(json.loads(row["config"])), cell_dir / PROGRESS)
+                with packing_checkpoints(cell_dir):
+                    result = run_cell(config_from_dict(json.loads(row["config"])), cell_dir / PROGRESS)
             except KeyboardInterrupt:
                 fail(conn, row["key"], "interrupted", status="pending")
                 pack_checkpoint(cell_dir)
@@ -255,53 +256,6 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
     if write_report:
         write_sweep_report(out)
     return {**sweep_status(out), "out": str(out)}
-
-
-def _partial_run(cell_dir: Path) -> Path | None:
-    """Return the `.partial` run directory the cell in cell_dir was training into (None if not known)."""
-    try:
-        run_dir = Path(json.loads((cell_dir / PROGRESS).read_text(encoding="utf-8"))["run_dir"])
-    except (OSError, ValueError, KeyError):
-        return None
-    return run_dir.with_name(run_dir.name + ".partial")
-
-
-def pack_checkpoint(cell_dir: Path) -> Path | None:
-    """Write the interrupted cell's training run (its last checkpoint, config and mix) to cell_dir/resume.tar.gz
-    and return that path; None when the run has no checkpoint yet."""
-    from tell.checkpoint import has_checkpoint
-    partial = _partial_run(cell_dir)
-    if partial is None or not has_checkpoint(partial):
-        return None
-    tmp = cell_dir / (RESUME_FILE + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:  # the run's own name: its key is the same on any machine
-        tar.add(partial, arcname=partial.name, filter=lambda m: None if m.name.endswith("checkpoint.tmp") else m)
-    tmp.replace(cell_dir / RESUME_FILE)
-    print(f"[tell] sweep: the cell's last checkpoint is in {cell_dir / RESUME_FILE} (the sweep folder resumes it "
-          "anywhere)", file=sys.stderr)
-    return cell_dir / RESUME_FILE
-
-
-def restore_checkpoint(cell_dir: Path) -> bool:
-    """Unpack cell_dir/resume.tar.gz into this machine's cache unless the cache already holds that run or an
-    interrupted copy of it (this machine's own is at least as recent); return whether it was unpacked."""
-    from tell.checkpoint import has_checkpoint
-    packed = cell_dir / RESUME_FILE
-    if not packed.is_file():
-        return False
-    runs = cache_dir() / "runs"
-    with tarfile.open(packed) as tar:
-        names = {m.name.split("/")[0] for m in tar.getmembers()}
-        if len(names) != 1 or not (name := names.pop()).endswith(".partial"):
-            raise TellInputError(f"not a packed training run (one folder named <key>.partial): {sorted(names)}",
-                                 packed)
-        if has_checkpoint(runs / name) or (runs / name.removesuffix(".partial")).is_dir():
-            return False
-        runs.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(runs / name, ignore_errors=True)
-        tar.extractall(runs, filter="data")
-    print(f"[tell] sweep: unpacked the cell's checkpoint from {packed}", file=sys.stderr)
-    return True
 
 
 def _say_running_elsewhere(conn, config_path) -> None:
