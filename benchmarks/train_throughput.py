@@ -34,7 +34,8 @@ import tempfile
 import time
 import warnings
 
-from tell.hardware import CPU_FLAGS, cpu_kind, usable_cores  # noqa: F401  (one definition of a CPU kind: runs record it too)
+# one definition of a CPU kind for both benchmarks and every run (eval_throughput imports it from here)
+from tell.hardware import CPU_FLAGS, cpu_kind, usable_cores  # noqa: F401
 
 ANCHOR = "### Task: Halu-CoT-JSON — hallucination check with a JSON verdict."
 

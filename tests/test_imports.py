@@ -21,7 +21,8 @@ SRC = Path(tell.__file__).parent
 ORDER = ["config_keys", "config", "hardware", "data", "sharegpt", "anchor", "mix", "model", "checkpoint", "packing",
          "fused_lora", "cpu_decode", "trackers", "train", "vllm_backend", "generate", "export", "metrics",
          "diagnostics", "halu_targets", "task_files", "tasks", "embed", "select", "evaluate", "report", "sweep_stats",
-         "sweep_report", "experiment", "resume", "compare", "sweep_store", "sweep_eta", "sweep_pack", "sweep", "probe", "cli"]
+         "sweep_report", "experiment", "resume", "compare", "sweep_store", "sweep_eta", "sweep_pack", "sweep", "probe",
+         "cli"]
 ALLOWED = {("config_keys", "data"), ("config", "data"), ("data", "sharegpt")}
 
 

@@ -211,21 +211,6 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
     same.train.save_every = 7  # changes no step
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
-    # a run written before a setting existed (a checkpoint carried from an older version) still resumes
-    # when the new setting is at its default, which is what that run computed with
-    saved = yaml.safe_load((done / "config.yaml").read_text())
-    del saved["train"]["gradient_checkpointing"], saved["mix"]["general_tokens"]
-    manifest = json.loads((done / "manifest.json").read_text())
-    older = tmp_path / "older"
-    shutil.copytree(done, older)
-    (older / "config.yaml").write_text(yaml.safe_dump(saved))
-    (older / "manifest.json").write_text(json.dumps({k: v for k, v in list(manifest.items())[1:]}, indent=1) + "\n")
-    assert partial_differs(same, prepare_mix(same).mix, older) == ""
-    same.train.gradient_checkpointing = True
-    assert partial_differs(same, prepare_mix(same).mix, older) == "config (train.gradient_checkpointing)"
-    same.train.gradient_checkpointing = False
-    (older / "manifest.json").write_text(json.dumps({**manifest, "task_rows": -1}, indent=1) + "\n")
-    assert partial_differs(same, prepare_mix(same).mix, older) == "mix (mix.jsonl or manifest.json)"
     same.train.lr, same.mix.seed = 5e-4, 3
     assert partial_differs(same, prepare_mix(same).mix, done) == "config (mix.seed, train.lr)"
     # a partial with a checkpoint of another config: started over, and said so
@@ -239,44 +224,87 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     assert result.optimizer_steps == len(_losses(tmp_path / "run")) and not partial.exists()
 
 
-def test_each_new_checkpoint_of_a_training_cell_is_packed_into_its_folder(tmp_path, monkeypatch):
-    """The watcher that runs beside a training cell packs a checkpoint once it appears and again when a newer one
-    replaces it, so a sweep killed with SIGKILL still leaves its last checkpoint in the sweep folder."""
+def _write_checkpoint(partial: Path, step: int) -> None:
+    """A stand-in for save_checkpoint's atomic write (tmp folder, renames) and the log line of its step."""
+    tmp = partial / "checkpoint.tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "state.pt").write_bytes(f"step {step}".encode())
+    if (partial / "checkpoint").exists():
+        (partial / "checkpoint").rename(partial / "checkpoint.old")
+    tmp.rename(partial / "checkpoint")
+    shutil.rmtree(partial / "checkpoint.old", ignore_errors=True)
+    with open(partial / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
+
+
+def test_each_new_checkpoint_of_a_training_cell_is_packed_into_its_folder(tmp_path, monkeypatch, capsys):
+    """The watcher beside a training cell packs a checkpoint once it appears and again when a newer one replaces
+    it, so a sweep killed with SIGKILL still leaves its last checkpoint in the sweep folder; another machine
+    unpacks it, and a machine whose own copy is older takes the packed one."""
     import tarfile
+    import threading
     from tell import sweep_pack
     monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache"))
     cell, partial = tmp_path / "sw" / "cells" / "abc", tmp_path / "cache" / "runs" / "k1.partial"
     cell.mkdir(parents=True)
-    (partial / "checkpoint").mkdir(parents=True)
+    partial.mkdir(parents=True)
     (cell / "training.json").write_text(json.dumps({"run_dir": str(partial.with_name("k1"))}))
     (partial / "config.yaml").write_text("train: {}\n")
 
-    def packed_state(timeout: float = 10.0) -> bytes | None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+    def packed_state(want: bytes, timeout: float = 10.0) -> bytes | None:
+        deadline, data = time.time() + timeout, None
+        while time.time() < deadline and data != want:
             try:
                 with tarfile.open(cell / "resume.tar.gz") as tar:
                     data = tar.extractfile("k1.partial/checkpoint/state.pt").read()
-                if data != seen:
-                    return data
             except (OSError, KeyError, tarfile.TarError):
                 pass
             time.sleep(0.01)
-        return None
+        return data
 
-    seen = None
     with sweep_pack.packing_checkpoints(cell, every_s=0.02):
         time.sleep(0.1)
         assert not (cell / "resume.tar.gz").exists()  # no checkpoint yet: nothing to pack
-        (partial / "checkpoint" / "state.pt").write_bytes(b"step 2")
-        seen = packed_state()
-        assert seen == b"step 2"
-        time.sleep(0.05)
-        (partial / "checkpoint" / "state.pt").write_bytes(b"step 4")
-        os.utime(partial / "checkpoint" / "state.pt", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-        assert packed_state() == b"step 4"
-    assert not any(t.name == "tell-pack-checkpoints" for t in __import__("threading").enumerate())
+        _write_checkpoint(partial, 2)
+        assert packed_state(b"step 2") == b"step 2"
+        _write_checkpoint(partial, 4)
+        assert packed_state(b"step 4") == b"step 4"
+    assert not any(t.name == "tell-pack-checkpoints" for t in threading.enumerate())
+    assert not list(cell.glob("*.tmp"))
+
+    packed = (cell / "resume.tar.gz").read_bytes()
     shutil.rmtree(tmp_path / "cache")  # another machine: the cell's folder alone brings the run back
-    assert sweep_pack.restore_checkpoint(cell)
+    assert sweep_pack.restore_checkpoint(cell) and "unpacked the cell's checkpoint (step 4)" in capsys.readouterr().err
     assert (partial / "checkpoint" / "state.pt").read_bytes() == b"step 4"
     assert not sweep_pack.restore_checkpoint(cell)  # the cache holds it now: not unpacked again
+    shutil.rmtree(partial)  # a machine with an older copy of its own (step 2) takes the packed step 4
+    _write_checkpoint(partial, 2)
+    assert sweep_pack.restore_checkpoint(cell) and (partial / "checkpoint" / "state.pt").read_bytes() == b"step 4"
+    assert not list((tmp_path / "cache" / "runs").glob(".unpack-*"))
+
+    # a damaged file is set aside with a message, and the cell trains without it
+    shutil.rmtree(tmp_path / "cache")
+    (cell / "resume.tar.gz").write_bytes(packed[: len(packed) // 2])
+    assert not sweep_pack.restore_checkpoint(cell)
+    assert "set aside as resume.tar.gz.bad" in capsys.readouterr().err
+    assert (cell / "resume.tar.gz.bad").is_file() and not (cell / "resume.tar.gz").exists()
+
+
+def test_a_checkpoint_resumes_only_in_the_dtype_and_on_the_device_type_it_ran(tiny_model_dir, tmp_path, capsys):
+    """dtype auto is fp32 on a CPU and bf16 on a GPU: a checkpoint carried to a machine that would continue it
+    in another dtype (or on another device type) starts over there, saying why, and `train --resume` refuses."""
+    import yaml
+    from tell.config import config_from_dict
+    from tell.experiment import prepare_mix
+    from tell.resume import partial_differs
+    broken = tmp_path / "run"
+    _kill_after_first_checkpoint(_args(tiny_model_dir, broken), tmp_path / "run.partial")
+    partial = tmp_path / "run.partial"
+    compute = next(partial.glob("checkpoint*/compute.json"))
+    assert json.loads(compute.read_text()) == {"dtype": "fp32", "device": "cpu"}
+    cfg = config_from_dict(yaml.safe_load((partial / "config.yaml").read_text()))
+    assert partial_differs(cfg, prepare_mix(cfg).mix, partial) == ""
+    compute.write_text(json.dumps({"dtype": "bf16", "device": "cuda"}))
+    assert partial_differs(cfg, prepare_mix(cfg).mix, partial) == "compute path (it ran bf16 on cuda, here fp32 on cpu)"
+    assert cli.main(["train", "--resume", str(broken)]) == 2
+    assert "was computed in bf16 on cuda" in capsys.readouterr().err

@@ -13,12 +13,14 @@ computes with the thread count the run started with.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
 CHECKPOINT = "checkpoint"
+COMPUTE = "compute.json"  # in the checkpoint folder: {"dtype": "fp32", "device": "cpu"}
 
 
 def rng_state() -> dict:
@@ -37,8 +39,9 @@ def gathered_rng_states(world: int) -> list[dict]:
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, totals: dict, elapsed_s: float,
-                    scaler=None, rng_ranks: list[dict] | None = None) -> None:
-    """Write the state after `step` optimizer steps to out_dir/checkpoint (atomically)."""
+                    scaler=None, rng_ranks: list[dict] | None = None, compute: dict | None = None) -> None:
+    """Write the state after `step` optimizer steps to out_dir/checkpoint (atomically); `compute` (the dtype and
+    device type it ran in) goes beside it as compute.json, which a resume elsewhere must match."""
     state = {
         "step": step, "totals": dict(totals), "elapsed_s": elapsed_s,
         "lora": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -51,12 +54,26 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, total
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
+    if compute:
+        (tmp / COMPUTE).write_text(json.dumps(compute) + "\n", encoding="utf-8")
     final = out_dir / CHECKPOINT
     old = out_dir / (CHECKPOINT + ".old")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_compute(out_dir: Path) -> dict | None:
+    """Return the dtype and device type the checkpointed run computed in (None: unknown, an older checkpoint)."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = Path(out_dir) / name / COMPUTE
+        if (Path(out_dir) / name / "state.pt").is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 def has_checkpoint(out_dir: Path) -> bool:

@@ -19,7 +19,8 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 @lru_cache(maxsize=1)
 def cpu_kind() -> dict:
-    """Return this CPU's model name, logical cores, which of CPU_FLAGS it has and whether bf16 is native."""
+    """Return this CPU's model name, logical cores (the host's, and those this process may use), which of
+    CPU_FLAGS it has and whether bf16 is native."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             info = f.read()
@@ -29,12 +30,13 @@ def cpu_kind() -> dict:
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor() or "?")
-    return {"model_name": name, "logical_cores": usable_cores(), "host_logical_cores": os.cpu_count(),
+    return {"model_name": name, "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
             "flags": [f for f in CPU_FLAGS if f in flags], "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def usable_cores() -> int:
-    """Return the logical cores this process may run on (a taskset or container limit), not the host's."""
+    """Return the logical cores this process may run on (its taskset or cpuset; a cgroup CPU quota is not
+    seen), where logical_cores counts the host's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

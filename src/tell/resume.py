@@ -13,10 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from tell.checkpoint import has_checkpoint
+from tell.checkpoint import checkpoint_compute, has_checkpoint
 from tell.config import RunConfig, config_dict, config_from_dict, dump_config
 from tell.data import TellInputError
 from tell.experiment import prepare_mix, run_train
+from tell.hardware import dtype_name
 from tell.mix import Mix, mix_lines, read_mix
 from tell.model import autocast_dtype, load_model, pick_device
 
@@ -75,19 +76,15 @@ def partial_differs(cfg: RunConfig, mix: Mix, partial: Path) -> str:
         saved_manifest = (partial / "manifest.json").read_text(encoding="utf-8")
     except (OSError, ValueError, yaml.YAMLError):
         return "state (its config or mix is unreadable)"
-    now, defaults = config_dict(cfg), config_dict(RunConfig())
-
-    def same(section: str, name: str) -> bool:
-        if name not in saved.get(section, {}):  # a setting added since that run: only its default reproduces it
-            return now[section][name] == defaults[section][name]
-        return saved[section][name] == now[section][name]
+    now = config_dict(cfg)
     keys = [f"{section}.{name}" for section in RESUME_SECTIONS for name in now[section]
-            if f"{section}.{name}" not in RESUME_IGNORED and not same(section, name)]
+            if f"{section}.{name}" not in RESUME_IGNORED and saved.get(section, {}).get(name) != now[section][name]]
     if keys:
         return "config (" + ", ".join(keys) + ")"
-    # the rows must be identical; of the manifest, the entries both versions write (a later one may add some)
-    old_manifest, new_manifest = json.loads(saved_manifest), json.loads(json.dumps(mix.manifest))
-    if saved_mix != "".join(mix_lines(mix)) or any(old_manifest[k] != new_manifest[k]
-                                                   for k in old_manifest.keys() & new_manifest.keys()):
+    if saved_mix != "".join(mix_lines(mix)) or saved_manifest != json.dumps(mix.manifest, indent=1) + "\n":
         return "mix (mix.jsonl or manifest.json)"
+    device = pick_device(cfg.model)
+    now_compute = {"dtype": dtype_name(autocast_dtype(cfg.model, device)), "device": device.type}
+    if (was := checkpoint_compute(partial)) and was != now_compute:  # e.g. dtype auto: fp32 on a CPU, bf16 on a GPU
+        return f"compute path (it ran {was['dtype']} on {was['device']}, here {now_compute['dtype']} on {device.type})"
     return ""

@@ -18,6 +18,7 @@ import json
 import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import traceback
@@ -238,13 +239,13 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
             ran += 1
             print(f"[tell] sweep cell {row['key']}: {row['label']}", file=sys.stderr, flush=True)
             start, cell_dir = time.perf_counter(), out / "cells" / row["key"]
-            restore_checkpoint(cell_dir)
             try:
+                restore_checkpoint(cell_dir)
                 with packing_checkpoints(cell_dir):
                     result = run_cell(config_from_dict(json.loads(row["config"])), cell_dir / PROGRESS)
             except KeyboardInterrupt:
+                _pack_on_stop(cell_dir)  # before the cell is pending: no other host may take it up half-packed
                 fail(conn, row["key"], "interrupted", status="pending")
-                pack_checkpoint(cell_dir)
                 raise
             except Exception as err:  # noqa: BLE001 - one broken cell must not stop the sweep; its error is kept
                 fail(conn, row["key"], f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
@@ -256,6 +257,13 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
     if write_report:
         write_sweep_report(out)
     return {**sweep_status(out), "out": str(out)}
+
+
+def _pack_on_stop(cell_dir: Path) -> None:
+    try:
+        pack_checkpoint(cell_dir)
+    except (OSError, tarfile.TarError) as err:  # the stop goes on; this machine's cache still has the checkpoint
+        print(f"[tell] sweep: could not pack the cell's checkpoint: {err}", file=sys.stderr)
 
 
 def _say_running_elsewhere(conn, config_path) -> None:

@@ -80,8 +80,14 @@ def _run_files(cell_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
     partial = run_dir.with_name(run_dir.name + ".partial")
     if all((partial / name).is_file() for name in names):
         return {name: (partial / name).read_text(encoding="utf-8") for name in names}
+    if (run_dir / "train_summary.json").is_file():  # trained here (stopped in evaluation): nothing to resume
+        raise FileNotFoundError(run_dir / "train_summary.json")
+    wanted, found = {f"{partial.name}/{name}": name for name in names}, {}
     with tarfile.open(cell_dir / RESUME_FILE) as tar:
-        return {name: tar.extractfile(f"{partial.name}/{name}").read().decode("utf-8") for name in names}
+        for member in tar:  # one pass through the gzip stream
+            if member.name in wanted:
+                found[wanted[member.name]] = tar.extractfile(member).read().decode("utf-8")
+    return found
 
 
 def _training_seconds(row, timing: dict, out: Path | None) -> float:

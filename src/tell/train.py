@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from tell.checkpoint import (gathered_rng_states, has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint,
-                             trim_log)
+from tell.checkpoint import (checkpoint_compute, gathered_rng_states, has_checkpoint, load_checkpoint,
+                             remove_checkpoint, save_checkpoint, trim_log)
 from tell.config import TrainConfig
 from tell.data import TellInputError
 from tell.fused_lora import fuse_lora_layers
@@ -231,6 +231,12 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     path = compute_path(model, device, autocast, step_cfg)
     totals, done, before = {"tokens": 0, "labels": 0, "flops": 0.0}, 0, 0.0
     if resume and has_checkpoint(out_dir):
+        was = checkpoint_compute(out_dir)
+        if was and was != {"dtype": path["dtype"], "device": device.type}:
+            raise TellInputError(f"the checkpoint in {out_dir} was computed in {was['dtype']} on {was['device']}; "
+                                 f"here the run computes in {path['dtype']} on {device.type}, which would continue "
+                                 "it with other numerics: resume it where it ran (or set --dtype/--device to match)",
+                                 out_dir)
         done, totals, before = load_checkpoint(out_dir, model, optimizer, scheduler, scaler, rank)
         if rank == 0:
             trim_log(out_dir / "train_log.jsonl", done)
@@ -258,7 +264,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
                 rng = gathered_rng_states(world)  # every rank takes part; rank 0 alone writes
                 if rank == 0:
                     save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start,
-                                    scaler, rng)
+                                    scaler, rng, {"dtype": path["dtype"], "device": device.type})
     finally:
         bar.close()
         if logger:
