@@ -225,7 +225,11 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
 
 
 def _write_checkpoint(partial: Path, step: int) -> None:
-    """A stand-in for save_checkpoint's atomic write (tmp folder, renames) and the log line of its step."""
+    """A stand-in for a training step's end: its log line, then save_checkpoint's atomic write (tmp folder,
+    renames), in train_lora's order."""
+    partial.mkdir(parents=True, exist_ok=True)
+    with open(partial / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
     tmp = partial / "checkpoint.tmp"
     tmp.mkdir(parents=True)
     (tmp / "state.pt").write_bytes(f"step {step}".encode())
@@ -233,8 +237,6 @@ def _write_checkpoint(partial: Path, step: int) -> None:
         (partial / "checkpoint").rename(partial / "checkpoint.old")
     tmp.rename(partial / "checkpoint")
     shutil.rmtree(partial / "checkpoint.old", ignore_errors=True)
-    with open(partial / "train_log.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
 
 
 def test_each_new_checkpoint_of_a_training_cell_is_packed_into_its_folder(tmp_path, monkeypatch, capsys):
