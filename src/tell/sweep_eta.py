@@ -59,25 +59,34 @@ def training_progress(out: Path, key: str) -> dict | None:
         files = _run_files(out / "cells" / key, ("config.yaml", "manifest.json", "train_log.jsonl"))
         train = yaml.safe_load(files["config.yaml"])["train"]
         manifest = json.loads(files["manifest.json"])
-        log = files["train_log.jsonl"].splitlines()
+        done = last_logged_step(files["train_log.jsonl"])
     except (OSError, ValueError, KeyError, TypeError, tarfile.TarError):
         return None
-    done = 0
-    for line in reversed(log):
-        try:
-            done = json.loads(line)["step"]  # the last whole record (a kill may cut the last line)
-            break
-        except (ValueError, KeyError):
-            continue
     planned = -(-(manifest["task_rows"] + manifest["general_rows"]) // train["batch_size"]) * train["epochs"]
     return {"steps_done": done, "steps_planned": min(planned, train["max_steps"] or planned)}
+
+
+def last_logged_step(log: str) -> int:
+    """Return the step of a train_log.jsonl's last whole record (a kill may cut the last line); 0 without one."""
+    for line in reversed(log.splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def partial_run(cell_dir: Path) -> Path:
+    """Return the `.partial` run directory the cell in cell_dir trains (or trained) into; raise if not known."""
+    run_dir = Path(json.loads((cell_dir / PROGRESS).read_text(encoding="utf-8"))["run_dir"])
+    return run_dir.with_name(run_dir.name + ".partial")
 
 
 def _run_files(cell_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
     """Return the named files of the run a cell was training: from this machine's `.partial` directory, else
     from the checkpoint packed into the cell's folder (a sweep folder carried to another machine)."""
-    run_dir = Path(json.loads((cell_dir / PROGRESS).read_text())["run_dir"])
-    partial = run_dir.with_name(run_dir.name + ".partial")
+    partial = partial_run(cell_dir)
+    run_dir = partial.with_name(partial.name.removesuffix(".partial"))
     if all((partial / name).is_file() for name in names):
         return {name: (partial / name).read_text(encoding="utf-8") for name in names}
     if (run_dir / "train_summary.json").is_file():  # trained here (stopped in evaluation): nothing to resume

@@ -9,7 +9,6 @@ on another machine (a copied or committed sweep folder) where it stopped; a fini
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,20 +19,18 @@ from pathlib import Path
 
 from tell.checkpoint import has_checkpoint
 from tell.data import TellInputError, cache_dir
-from tell.sweep_eta import PROGRESS, RESUME_FILE
+from tell.sweep_eta import RESUME_FILE, last_logged_step, partial_run
 
 # A step of a long cell takes minutes and a checkpoint comes every few steps: a minute between looks loses little.
 PACK_EVERY_S = 60.0
 _PACKING = threading.Lock()  # the watcher and the stop handler never write the file at the same time
 
 
-def partial_run(cell_dir: Path) -> Path | None:
-    """Return the `.partial` run directory the cell in cell_dir trains into (None if not known)."""
+def _partial_run(cell_dir: Path) -> Path | None:
     try:
-        run_dir = Path(json.loads((cell_dir / PROGRESS).read_text(encoding="utf-8"))["run_dir"])
+        return partial_run(cell_dir)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return run_dir.with_name(run_dir.name + ".partial")
 
 
 def checkpoint_stamp(partial: Path | None) -> tuple | None:
@@ -51,7 +48,7 @@ def pack_checkpoint(cell_dir: Path, quiet: bool = False) -> Path | None:
     """Write the cell's training run (its last checkpoint, config, mix and log) to cell_dir/resume.tar.gz and
     return that path; None when the run has no checkpoint (yet, or any more: it finished) or the checkpoint was
     replaced while being packed (the next call packs the new one)."""
-    partial = partial_run(cell_dir)
+    partial = _partial_run(cell_dir)
     with _PACKING:
         stamp = checkpoint_stamp(partial)
         if stamp is None or not has_checkpoint(partial):
@@ -81,7 +78,7 @@ def packing_checkpoints(cell_dir: Path, every_s: float | None = None):
     def watch():
         packed, warned = None, False
         while not stop.wait(every):
-            stamp = checkpoint_stamp(partial_run(cell_dir))
+            stamp = checkpoint_stamp(_partial_run(cell_dir))
             if stamp is None or stamp == packed:
                 continue
             try:
@@ -100,14 +97,6 @@ def packing_checkpoints(cell_dir: Path, every_s: float | None = None):
         watcher.join()
 
 
-def _last_step(log: str) -> int:
-    steps = [0]
-    for line in log.splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            steps.append(int(json.loads(line)["step"]))
-    return max(steps)
-
-
 def _packed_run(tar: tarfile.TarFile, packed: Path) -> tuple[str, int]:
     """Return (the packed run's folder name, the last step its log records); raise on anything else."""
     members = tar.getmembers()
@@ -118,7 +107,7 @@ def _packed_run(tar: tarfile.TarFile, packed: Path) -> tuple[str, int]:
         if m.name.startswith("/") or ".." in m.name.split("/") or not (m.isfile() or m.isdir()):
             raise TellInputError(f"unsafe entry {m.name!r} in a packed training run", packed)
     log = next((m for m in members if m.name == f"{name}/train_log.jsonl"), None)
-    return name, _last_step(tar.extractfile(log).read().decode("utf-8")) if log else 0
+    return name, last_logged_step(tar.extractfile(log).read().decode("utf-8")) if log else 0
 
 
 def restore_checkpoint(cell_dir: Path) -> bool:
@@ -134,7 +123,7 @@ def restore_checkpoint(cell_dir: Path) -> bool:
             name, step = _packed_run(tar, packed)
             local = runs / name
             if (runs / name.removesuffix(".partial")).is_dir() or (
-                    has_checkpoint(local) and _last_step(_read(local / "train_log.jsonl")) >= step):
+                    has_checkpoint(local) and last_logged_step(_read(local / "train_log.jsonl")) >= step):
                 return False
             runs.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=runs))

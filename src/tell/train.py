@@ -230,9 +230,10 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
     step_cfg = replace(cfg, micro_batch_tokens=micro_batch_tokens(cfg, device))
     path = compute_path(model, device, autocast, step_cfg)
     totals, done, before = {"tokens": 0, "labels": 0, "flops": 0.0}, 0, 0.0
+    compute = {"dtype": path["dtype"], "device": device.type}  # what a checkpoint records and a resume must match
     if resume and has_checkpoint(out_dir):
         was = checkpoint_compute(out_dir)
-        if was and was != {"dtype": path["dtype"], "device": device.type}:
+        if was and was != compute:
             raise TellInputError(f"the checkpoint in {out_dir} was computed in {was['dtype']} on {was['device']}; "
                                  f"here the run computes in {path['dtype']} on {device.type}, which would continue "
                                  "it with other numerics: resume it where it ran (or set --dtype/--device to match)",
@@ -264,7 +265,7 @@ def train_lora(model, tokenizer, mix: Mix, cfg: TrainConfig, out_dir: str | Path
                 rng = gathered_rng_states(world)  # every rank takes part; rank 0 alone writes
                 if rank == 0:
                     save_checkpoint(out_dir, model, optimizer, scheduler, step, totals, time.perf_counter() - start,
-                                    scaler, rng, {"dtype": path["dtype"], "device": device.type})
+                                    scaler, rng, compute)
     finally:
         bar.close()
         if logger:
