@@ -332,3 +332,17 @@ def test_packed_and_padded_batches_label_every_assistant_turn_alike(tiny_tokeniz
     assert torch.equal(packed, torch.cat([padded[i, :len(r.input_ids)] for i, r in enumerate(rows)]))
     for i, r in enumerate(rows):
         assert int((padded[i] != -100).sum()) == sum(min(b, len(r.input_ids)) - max(a, 1) for a, b in r.label_spans)
+
+
+@pytest.mark.parametrize("files,cores", [({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None),
+                                         ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+                                         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+                                         ({}, None)])
+def test_usable_cores_is_capped_by_a_cgroup_cpu_quota(tmp_path, files, cores):
+    import os
+    from tell.hardware import usable_cores
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path)) == (min(affinity, cores) if cores else affinity)

@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args, extra) -> int:
     from tell import experiment
+    from tell.hardware import cap_threads_to_usable_cores
     from tell.resume import resume_train
     experiment.check_single_process(args.verb)
+    cap_threads_to_usable_cores()
     if args.verb in ("sweep", "report"):
         return _dispatch_sweep(args, extra)
     if args.verb == "export-model":

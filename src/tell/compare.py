@@ -52,8 +52,32 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     return apply_overrides(copy.deepcopy(cfg), QUICK)
 
 
+# Settings added to model, mix, train or generate after run keys were first written, each with the value that
+# means "not used": at that value a setting stays out of the keys, so cached runs and a sweep cell's packed
+# checkpoint (a cell spread over sittings, docs/results/scale) keep their keys. A new setting goes here;
+# tests/test_keys.py fails until it does.
+RUN_KEY_ADDED_LATER: dict[str, object] = {}
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _section(cfg: RunConfig, name: str) -> dict:
+    """Return a config section's settings as they enter run keys (RUN_KEY_ADDED_LATER's unset ones left out)."""
+    values = config_dict(getattr(cfg, name))
+    for dotted, unset in RUN_KEY_ADDED_LATER.items():
+        section, _, setting = dotted.partition(".")
+        if section == name and values.get(setting) == unset:
+            values.pop(setting)
+    return values
+
+
+def train_key(arm_cfg: RunConfig, task_examples) -> str:
+    """Return the cache key of an arm's training run: its model, mix, train and anchor settings and task rows."""
+    return _key("train", _section(arm_cfg, "model"), _section(arm_cfg, "mix"), _section(arm_cfg, "train"),
+                _anchor_key(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
+                [e.messages for e in task_examples])
 
 
 def arm_config(cfg: RunConfig, arm: str, tell_steps: int, task_rows: int | None = None) -> RunConfig:
@@ -81,10 +105,7 @@ def _anchor_key(anchor) -> dict:
 def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool, progress: Path | None = None) -> tuple[Path, dict]:
     """Return (run directory, train summary) of an arm, training it unless cached. An interrupted training of
     the same arm continues from its last checkpoint; `progress` (a file) is told where the run is written."""
-    key = _key("train", config_dict(arm_cfg.model), config_dict(arm_cfg.mix), config_dict(arm_cfg.train),
-               _anchor_key(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
-               [e.messages for e in task_examples])
-    run_dir = cache_dir() / "runs" / key
+    run_dir = cache_dir() / "runs" / train_key(arm_cfg, task_examples)
     if not (cache and (run_dir / "train_summary.json").is_file()):
         train_cfg = copy.deepcopy(arm_cfg)
         train_cfg.out = str(run_dir)
@@ -106,7 +127,7 @@ def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor
     from tell.generate import load_for_generation
     use_anchor = arm in ANCHORED_ARMS
     run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
-    key = _key("eval", str(run_dir), run_key, config_dict(cfg.model), config_dict(cfg.generate),
+    key = _key("eval", str(run_dir), run_key, _section(cfg, "model"), _section(cfg, "generate"),
                [r.id for r in rows], task.name, use_anchor, anchor if use_anchor and run_dir is None else "")
     eval_dir = cache_dir() / "evals" / key
     if (cache or key in (done or ())) and (eval_dir / "metrics.json").is_file():
@@ -237,7 +258,7 @@ def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool
     from tell.evaluate import general_loss
     from tell.generate import load_for_generation
     run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
-    key = _key("loss", str(run_dir), run_key, config_dict(cfg.model), [e.messages for e in heldout])
+    key = _key("loss", str(run_dir), run_key, _section(cfg, "model"), [e.messages for e in heldout])
     path = cache_dir() / "losses" / f"{key}.json"
     if (cache or key in (done or ())) and path.is_file():
         return json.loads(path.read_text())

@@ -7,6 +7,7 @@ only: bf16 is emulated, ~100x slower than fp32, and fp32 is the fast path).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 from functools import lru_cache
@@ -34,10 +35,33 @@ def cpu_kind() -> dict:
             "flags": [f for f in CPU_FLAGS if f in flags], "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
-def usable_cores() -> int:
-    """Return the logical cores this process may run on (its taskset or cpuset; a cgroup CPU quota is not
-    seen), where logical_cores counts the host's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Return the logical cores this process may use: its taskset or cpuset, capped by a cgroup CPU quota
+    (containers often get 2 CPUs of quota on a many-core host; more threads than that only contend), where
+    logical_cores counts the host's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def _cgroup_cpu_quota(root: str) -> int | None:
+    """Return the cgroup's CPU quota rounded up to whole cores (v2 cpu.max, else v1 cfs_quota_us), or None."""
+    try:
+        with open(os.path.join(root, "cpu.max"), encoding="utf-8") as f:
+            quota, period = (f.read().split() + ["100000"])[:2]
+    except OSError:
+        try:
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="utf-8") as f:
+                quota = f.read().strip()
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="utf-8") as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    return math.ceil(quota_us / period_us) if quota_us > 0 and period_us > 0 else None
 
 
 def cpu_label() -> str:
@@ -63,3 +87,11 @@ def machine(device: torch.device | str = "cpu") -> dict:
 def dtype_name(dtype: torch.dtype | None) -> str:
     """Return 'bf16', 'fp16' or 'fp32' (None, no autocast, computes in fp32)."""
     return DTYPE_NAMES.get(dtype or torch.float32, str(dtype))
+
+
+def cap_threads_to_usable_cores() -> None:
+    """Compute with no more threads than usable_cores: torch counts the cores of the host or cpuset, not a
+    container's CPU quota, and threads beyond the quota only wait on each other."""
+    cores = usable_cores()
+    if cores < torch.get_num_threads():
+        torch.set_num_threads(cores)
