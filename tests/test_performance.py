@@ -334,15 +334,25 @@ def test_packed_and_padded_batches_label_every_assistant_turn_alike(tiny_tokeniz
         assert int((padded[i] != -100).sum()) == sum(min(b, len(r.input_ids)) - max(a, 1) for a, b in r.label_spans)
 
 
-@pytest.mark.parametrize("files,cores", [({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None),
-                                         ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
-                                         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-                                         ({}, None)])
-def test_usable_cores_is_capped_by_a_cgroup_cpu_quota(tmp_path, files, cores):
+@pytest.mark.parametrize("proc,files,cores", [
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 2),                       # v2, in a cgroup namespace
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {"cpu.max": ""}, None),                                    # empty: no quota, no crash
+    ("0::/system.slice/job.scope\n", {"system.slice/job.scope/cpu.max": "max 100000\n",
+                                      "system.slice/cpu.max": "100000 100000\n"}, 1),  # a quota above the process
+    ("1:cpu,cpuacct:/docker/ab\n0::/\n", {"cpu/docker/ab/cpu.cfs_quota_us": "50000\n",
+                                           "cpu/docker/ab/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ("", {}, None)])
+def test_usable_cores_is_capped_by_a_cgroup_cpu_quota(tmp_path, proc, files, cores):
     import os
     from tell.hardware import usable_cores
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "proc-cgroup").write_text(proc)
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cores(str(tmp_path)) == (min(affinity, cores) if cores else affinity)
+    expected = min(affinity, cores) if cores else affinity
+    assert usable_cores(str(root), str(tmp_path / "proc-cgroup")) == expected

@@ -196,7 +196,7 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(ti
     assert not (moved / "cells" / row["key"] / sweep.RESUME_FILE).exists()  # a finished cell keeps no checkpoint
 
 
-def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys):
+def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from tell.config import load_config
     from tell.experiment import prepare_mix
     from tell.resume import partial_differs, resume_or_train
@@ -211,6 +211,17 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
     same.train.save_every = 7  # changes no step
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    # a run saved before a setting existed resumes once that setting is registered with its unset value
+    saved = yaml.safe_load((done / "config.yaml").read_text())
+    unset = saved["train"].pop("gradient_checkpointing")
+    (done / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.gradient_checkpointing)"
+    from tell import config as config_module
+    monkeypatch.setitem(config_module.RUN_KEY_ADDED_LATER, "train.gradient_checkpointing", unset)
+    assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    same.train.gradient_checkpointing = not unset  # set: the older run did not have it
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.gradient_checkpointing)"
+    same.train.gradient_checkpointing = unset
     same.train.lr, same.mix.seed = 5e-4, 3
     assert partial_differs(same, prepare_mix(same).mix, done) == "config (mix.seed, train.lr)"
     # a partial with a checkpoint of another config: started over, and said so

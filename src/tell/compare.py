@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tell.config import RunConfig, config_dict, dump_config
+import torch
+
+from tell.config import RunConfig, config_dict, dump_config, keyed_section
 from tell.anchor import DEFAULT_ANCHORS, default_anchor_text, resolve_anchor_text  # noqa: F401 (re-exported)
 from tell.experiment import (announce, check_output, heldout_general, prepare_mix, resolve_self_instruct,
                              run_train, staged_output, task_from_config, task_selection, test_rows_from_config)
@@ -52,32 +54,23 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     return apply_overrides(copy.deepcopy(cfg), QUICK)
 
 
-# Settings added to model, mix, train or generate after run keys were first written, each with the value that
-# means "not used": at that value a setting stays out of the keys, so cached runs and a sweep cell's packed
-# checkpoint (a cell spread over sittings, docs/results/scale) keep their keys. A new setting goes here;
-# tests/test_keys.py fails until it does.
-RUN_KEY_ADDED_LATER: dict[str, object] = {}
-
-
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _section(cfg: RunConfig, name: str) -> dict:
-    """Return a config section's settings as they enter run keys (RUN_KEY_ADDED_LATER's unset ones left out)."""
-    values = config_dict(getattr(cfg, name))
-    for dotted, unset in RUN_KEY_ADDED_LATER.items():
-        section, _, setting = dotted.partition(".")
-        if section == name and values.get(setting) == unset:
-            values.pop(setting)
-    return values
-
-
 def train_key(arm_cfg: RunConfig, task_examples) -> str:
     """Return the cache key of an arm's training run: its model, mix, train and anchor settings and task rows."""
-    return _key("train", _section(arm_cfg, "model"), _section(arm_cfg, "mix"), _section(arm_cfg, "train"),
-                _anchor_key(arm_cfg.anchor), arm_cfg.data.general, [e.id for e in task_examples],
-                [e.messages for e in task_examples])
+    return _key("train", keyed_section(arm_cfg, "model"), keyed_section(arm_cfg, "mix"),
+                keyed_section(arm_cfg, "train"), _anchor_key(arm_cfg), arm_cfg.data.general,
+                [e.id for e in task_examples], [e.messages for e in task_examples])
+
+
+def eval_key(cfg: RunConfig, run_dir: Path | None, rows, task_name: str, use_anchor: bool, anchor: str) -> str:
+    """Return the cache key of an arm's evaluation: the trained run (its summary), model and generate settings,
+    test rows, task and — for an untrained arm — the anchor text."""
+    run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
+    return _key("eval", str(run_dir), run_key, keyed_section(cfg, "model"), keyed_section(cfg, "generate"),
+                [r.id for r in rows], task_name, use_anchor, anchor if use_anchor and run_dir is None else "")
 
 
 def arm_config(cfg: RunConfig, arm: str, tell_steps: int, task_rows: int | None = None) -> RunConfig:
@@ -94,10 +87,10 @@ def arm_config(cfg: RunConfig, arm: str, tell_steps: int, task_rows: int | None 
     return arm_cfg
 
 
-def _anchor_key(anchor) -> dict:
+def _anchor_key(cfg: RunConfig) -> dict:
     """Return the anchor settings that shape a run (a manual anchor keeps the key it had before anchor modes)."""
-    values = config_dict(anchor)
-    if anchor.mode == "manual":
+    values = keyed_section(cfg, "anchor")
+    if cfg.anchor.mode == "manual":
         return {k: values[k] for k in ("text", "file", "placement")}
     return values
 
@@ -112,10 +105,14 @@ def _train_arm(arm_cfg: RunConfig, task_examples, cache: bool, progress: Path | 
         if progress:
             progress.parent.mkdir(parents=True, exist_ok=True)
             progress.write_text(json.dumps({"run_dir": str(run_dir)}) + "\n")
-        if cache:  # an interrupted run of this arm (same key) is a partial cache entry
-            resume_or_train(train_cfg, task_examples)
-        else:
-            run_train(train_cfg, overwrite=True, task_examples=task_examples)
+        threads = torch.get_num_threads()  # a resume takes its run's thread count; the next arm must not inherit it
+        try:
+            if cache:  # an interrupted run of this arm (same key) is a partial cache entry
+                resume_or_train(train_cfg, task_examples)
+            else:
+                run_train(train_cfg, overwrite=True, task_examples=task_examples)
+        finally:
+            torch.set_num_threads(threads)
     return run_dir, json.loads((run_dir / "train_summary.json").read_text())
 
 
@@ -126,9 +123,7 @@ def _eval_arm(cfg: RunConfig, arm: str, run_dir: Path | None, task, rows, anchor
     from tell.evaluate import evaluate, write_eval
     from tell.generate import load_for_generation
     use_anchor = arm in ANCHORED_ARMS
-    run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
-    key = _key("eval", str(run_dir), run_key, _section(cfg, "model"), _section(cfg, "generate"),
-               [r.id for r in rows], task.name, use_anchor, anchor if use_anchor and run_dir is None else "")
+    key = eval_key(cfg, run_dir, rows, task.name, use_anchor, anchor)
     eval_dir = cache_dir() / "evals" / key
     if (cache or key in (done or ())) and (eval_dir / "metrics.json").is_file():
         return eval_dir
@@ -258,7 +253,7 @@ def _general_loss_arm(cfg: RunConfig, run_dir: Path | None, heldout, cache: bool
     from tell.evaluate import general_loss
     from tell.generate import load_for_generation
     run_key = json.loads((run_dir / "train_summary.json").read_text()) if run_dir else None
-    key = _key("loss", str(run_dir), run_key, _section(cfg, "model"), [e.messages for e in heldout])
+    key = _key("loss", str(run_dir), run_key, keyed_section(cfg, "model"), [e.messages for e in heldout])
     path = cache_dir() / "losses" / f"{key}.json"
     if (cache or key in (done or ())) and path.is_file():
         return json.loads(path.read_text())

@@ -325,6 +325,23 @@ def config_dict(cfg: object) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Settings added to model, mix, train, anchor or generate after run keys were first written, each with the value
+# that means "not used": at that value a setting stays out of run keys, and an interrupted run's config.yaml that
+# lacks it counts as having it, so cached runs and a sweep cell's packed checkpoint (a cell spread over sittings,
+# docs/results/scale) keep their keys and resume. A new setting goes here; tests/test_keys.py fails until it does.
+RUN_KEY_ADDED_LATER: dict[str, object] = {}
+
+
+def keyed_section(cfg: RunConfig, name: str) -> dict:
+    """Return a config section's settings as they enter run keys (RUN_KEY_ADDED_LATER's unset ones left out)."""
+    values = config_dict(getattr(cfg, name))
+    for dotted, unset in RUN_KEY_ADDED_LATER.items():
+        section, _, setting = dotted.partition(".")
+        if section == name and values.get(setting, unset) == unset:
+            values.pop(setting, None)
+    return values
+
+
 def dump_config(cfg: RunConfig, path: str | Path, runtime: dict | None = None) -> None:
     """Write the resolved config as YAML; `runtime` (which path ran) goes last, under its own key."""
     values = config_dict(cfg) | ({RUNTIME: runtime} if runtime else {})

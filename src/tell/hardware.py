@@ -35,31 +35,54 @@ def cpu_kind() -> dict:
             "flags": [f for f in CPU_FLAGS if f in flags], "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
-def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """Return the logical cores this process may use: its taskset or cpuset, capped by a cgroup CPU quota
-    (containers often get 2 CPUs of quota on a many-core host; more threads than that only contend), where
-    logical_cores counts the host's."""
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """Return the logical cores this process may use: its taskset or cpuset, capped by a CPU quota of its cgroup
+    or any cgroup above it (containers often get 2 CPUs of quota on a many-core host; more threads than that
+    only contend), where logical_cores counts the host's."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_cpu_quota(cgroup_root)
-    return max(1, min(cores, quota)) if quota else cores
+    quotas = [q for q in map(_cpu_quota, _cgroup_dirs(cgroup_root, proc_cgroup)) if q]
+    return max(1, min([cores, *quotas]))
 
 
-def _cgroup_cpu_quota(root: str) -> int | None:
-    """Return the cgroup's CPU quota rounded up to whole cores (v2 cpu.max, else v1 cfs_quota_us), or None."""
+def _cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
+    """Return this process's cgroup folder and those above it up to the mount root (v2 `0::/path`, v1 the
+    `cpu` controller's path under root/cpu); the root alone where /proc/self/cgroup says nothing usable."""
+    found = {}  # "v1": the cpu controller's path, "v2": the unified hierarchy's
     try:
-        with open(os.path.join(root, "cpu.max"), encoding="utf-8") as f:
-            quota, period = (f.read().split() + ["100000"])[:2]
+        with open(proc_cgroup, encoding="utf-8") as f:
+            for line in f:
+                _, controllers, where = line.rstrip("\n").split(":", 2)
+                if "cpu" in controllers.split(","):
+                    found["v1"] = where
+                elif controllers == "":
+                    found["v2"] = where
+    except (OSError, ValueError):
+        pass
+    if "v1" in found and os.path.isdir(os.path.join(root, "cpu")):
+        path, base = found["v1"], os.path.join(root, "cpu")
+    else:
+        path, base = found.get("v2", "/"), root
+    parts = [p for p in path.split("/") if p and p != ".."]
+    dirs = [os.path.join(base, *parts[:i]) for i in range(len(parts), -1, -1)]
+    return [d for d in dirs if os.path.isdir(d)] or [root]
+
+
+def _cpu_quota(folder: str) -> int | None:
+    """Return a cgroup folder's CPU quota rounded up to whole cores (v2 cpu.max, v1 cfs_quota_us), or None."""
+    try:
+        with open(os.path.join(folder, "cpu.max"), encoding="utf-8") as f:
+            fields = f.read().split()
     except OSError:
         try:
-            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us"), encoding="utf-8") as f:
+            with open(os.path.join(folder, "cpu.cfs_quota_us"), encoding="utf-8") as f:
                 quota = f.read().strip()
-            with open(os.path.join(root, "cpu", "cpu.cfs_period_us"), encoding="utf-8") as f:
-                period = f.read().strip()
+            with open(os.path.join(folder, "cpu.cfs_period_us"), encoding="utf-8") as f:
+                fields = [quota, f.read().strip()]
         except OSError:
             return None
     try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # "max": no quota
+        quota_us, period_us = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100_000
+    except (ValueError, IndexError):  # "max" (no quota) or an empty file
         return None
     return math.ceil(quota_us / period_us) if quota_us > 0 and period_us > 0 else None
 
@@ -91,7 +114,8 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 
 def cap_threads_to_usable_cores() -> None:
     """Compute with no more threads than usable_cores: torch counts the cores of the host or cpuset, not a
-    container's CPU quota, and threads beyond the quota only wait on each other."""
+    container's CPU quota, and threads beyond the quota only wait on each other. A thread count the user set
+    (OMP_NUM_THREADS) is kept."""
     cores = usable_cores()
-    if cores < torch.get_num_threads():
+    if not os.environ.get("OMP_NUM_THREADS") and cores < torch.get_num_threads():
         torch.set_num_threads(cores)
