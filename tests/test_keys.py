@@ -6,7 +6,6 @@ only for a change that should retrain (or re-evaluate) every run."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 

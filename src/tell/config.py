@@ -332,14 +332,19 @@ def config_dict(cfg: object) -> dict:
 RUN_KEY_ADDED_LATER: dict[str, object] = {}
 
 
+def drop_unset(values: dict, added_later: dict[str, object]) -> dict:
+    """Return `values` (sections of settings, changed in place) without the settings of `added_later` (dotted
+    name → the value that means "not used") that are at that value."""
+    for dotted, unset in added_later.items():
+        section, _, setting = dotted.partition(".")
+        if section in values and values[section].get(setting, unset) == unset:
+            values[section].pop(setting, None)
+    return values
+
+
 def keyed_section(cfg: RunConfig, name: str) -> dict:
     """Return a config section's settings as they enter run keys (RUN_KEY_ADDED_LATER's unset ones left out)."""
-    values = config_dict(getattr(cfg, name))
-    for dotted, unset in RUN_KEY_ADDED_LATER.items():
-        section, _, setting = dotted.partition(".")
-        if section == name and values.get(setting, unset) == unset:
-            values.pop(setting, None)
-    return values
+    return drop_unset({name: config_dict(getattr(cfg, name))}, RUN_KEY_ADDED_LATER)[name]
 
 
 def dump_config(cfg: RunConfig, path: str | Path, runtime: dict | None = None) -> None:

@@ -25,7 +25,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from tell.config import ARMS, AnchorConfig, RunConfig, config_dict, config_from_dict, validate
+from tell.config import ARMS, AnchorConfig, RunConfig, config_dict, config_from_dict, drop_unset, validate
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
 from tell.data import TellInputError
 from tell.sweep_eta import PROGRESS, RESUME_FILE, sweep_status
@@ -130,10 +130,7 @@ def cell_key(cfg: RunConfig) -> str:
     for dotted in NOT_IN_KEY:
         section, _, name = dotted.partition(".")
         (values.get(section, {}).pop(name, None) if name else values.pop(section, None))
-    for dotted, unset in ADDED_LATER.items():
-        section, _, name = dotted.partition(".")
-        if values.get(section, {}).get(name) == unset:
-            values[section].pop(name)
+    drop_unset(values, ADDED_LATER)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
