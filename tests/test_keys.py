@@ -1,7 +1,7 @@
 """Cache keys stay put when the code grows. A sweep cell spread over sittings finds its packed checkpoint
 and its finished result by key: a key that changes because a setting was added restarts hours of training.
 The expected keys below are those of today's defaults; when one changes, register the new setting with its
-unset value (config.RUN_KEY_ADDED_LATER, sweep.ADDED_LATER) instead of editing the expected key — edit it
+unset value (config.RUN_KEY_ADDED_LATER, config.CELL_KEY_ADDED_LATER) instead of editing the expected key — edit it
 only for a change that should retrain (or re-evaluate) every run."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_the_eval_key_of_the_default_config_is_unchanged():
 
 
 def test_the_cell_key_of_the_default_config_is_unchanged():
-    assert sweep.cell_key(RunConfig()) == CELL_KEY, "the sweep cell key changed: register a new setting in sweep.ADDED_LATER"
+    assert sweep.cell_key(RunConfig()) == CELL_KEY, "the sweep cell key changed: register a new setting in config.CELL_KEY_ADDED_LATER"
 
 
 def _with_later_setting(monkeypatch, cfg: RunConfig, section: str, value) -> RunConfig:
@@ -44,10 +44,12 @@ def _with_later_setting(monkeypatch, cfg: RunConfig, section: str, value) -> Run
     return extended
 
 
-@pytest.mark.parametrize("section", ["model", "mix", "train", "anchor"])
-def test_a_setting_registered_as_added_later_stays_out_of_the_run_key_at_its_unset_value(monkeypatch, section):
+@pytest.mark.parametrize("section,anchor_mode", [("model", "manual"), ("mix", "manual"), ("train", "manual"),
+                                                 ("anchor", "manual"), ("anchor", "self-instruct")])
+def test_a_setting_registered_as_added_later_stays_out_of_the_run_key_at_its_unset_value(monkeypatch, section,
+                                                                                          anchor_mode):
     cfg = RunConfig()
-    cfg.anchor.mode = "self-instruct"  # a manual anchor's key holds its text, file and placement only
+    cfg.anchor.mode = anchor_mode
     extended = _with_later_setting(monkeypatch, cfg, section, 0)
     assert compare.train_key(extended, ROWS) != compare.train_key(cfg, ROWS)
     monkeypatch.setitem(config.RUN_KEY_ADDED_LATER, f"{section}.a_later_setting", 0)
@@ -63,3 +65,19 @@ def test_a_generate_setting_registered_as_added_later_stays_out_of_the_eval_key(
     assert compare.eval_key(extended, *args) != compare.eval_key(cfg, *args)
     monkeypatch.setitem(config.RUN_KEY_ADDED_LATER, "generate.a_later_setting", 0)
     assert compare.eval_key(extended, *args) == compare.eval_key(cfg, *args)
+
+
+def test_every_registered_setting_is_unset_at_its_default():
+    """A resumed run's config is rebuilt from its config.yaml with the defaults for what it lacks: a registered
+    setting's unset value must be that default, or the resume would pass its check and train with another."""
+    from tell.config_keys import flat_fields
+    fields = flat_fields(RunConfig())
+    for dotted, unset in config.added_later().items():
+        owner, field = fields[dotted]
+        assert getattr(owner, field.name) == unset, dotted
+
+
+def test_the_cell_registry_is_the_one_sweep_uses():
+    assert sweep.ADDED_LATER is config.CELL_KEY_ADDED_LATER
+    assert compare.SELF_INSTRUCT_ONLY == ("mode", "self_instruct_rows", "meta_prompt",
+                                          "self_instruct_max_new_tokens", "self_instruct_tries")

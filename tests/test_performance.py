@@ -342,17 +342,38 @@ def test_packed_and_padded_batches_label_every_assistant_turn_alike(tiny_tokeniz
                                       "system.slice/cpu.max": "100000 100000\n"}, 1),  # a quota above the process
     ("1:cpu,cpuacct:/docker/ab\n0::/\n", {"cpu/docker/ab/cpu.cfs_quota_us": "50000\n",
                                            "cpu/docker/ab/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ("1:cpu,cpuacct:/ab\n", {"cpu,cpuacct/ab/cpu.cfs_quota_us": "300000\n",  # v1 mounted without a cpu link
+                              "cpu,cpuacct/ab/cpu.cfs_period_us": "100000\n"}, 3),
     ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ("garbage\n0::/\n", {"cpu.max": "400000 100000\n"}, 4),             # a malformed line stops nothing
+    ("0::/../elsewhere\n", {"cpu.max": "200000 100000\n", "elsewhere/cpu.max": "100000 100000\n"}, 2),
+    (None, {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # no /proc file
     ("", {}, None)])
-def test_usable_cores_is_capped_by_a_cgroup_cpu_quota(tmp_path, proc, files, cores):
+def test_usable_cores_is_capped_by_a_cgroup_cpu_quota(tmp_path, monkeypatch, proc, files, cores):
     import os
     from tell.hardware import usable_cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a many-core host
     root = tmp_path / "cgroup"
     root.mkdir()
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    (tmp_path / "proc-cgroup").write_text(proc)
-    affinity = len(os.sched_getaffinity(0))
-    expected = min(affinity, cores) if cores else affinity
+    if proc is not None:
+        (tmp_path / "proc-cgroup").write_text(proc)
+    expected = cores or 64
     assert usable_cores(str(root), str(tmp_path / "proc-cgroup")) == expected
+
+
+@pytest.mark.parametrize("omp,quota,expected", [("", 1, 1), ("", 8, 2), ("2", 1, 2)])
+def test_threads_follow_the_quota_unless_the_user_set_them(monkeypatch, omp, quota, expected):
+    import torch
+    from tell import hardware
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: quota)
+    try:
+        torch.set_num_threads(2)
+        hardware.cap_threads_to_usable_cores()
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)

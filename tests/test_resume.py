@@ -213,15 +213,22 @@ def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_d
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
     # a run saved before a setting existed resumes once that setting is registered with its unset value
     saved = yaml.safe_load((done / "config.yaml").read_text())
-    unset = saved["train"].pop("gradient_checkpointing")
+    unset = saved["train"].pop("micro_batch_tokens")
     (done / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.gradient_checkpointing)"
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.micro_batch_tokens)"
     from tell import config as config_module
-    monkeypatch.setitem(config_module.RUN_KEY_ADDED_LATER, "train.gradient_checkpointing", unset)
+    monkeypatch.setitem(config_module.RUN_KEY_ADDED_LATER, "train.micro_batch_tokens", unset)
     assert partial_differs(same, prepare_mix(same).mix, done) == ""
-    same.train.gradient_checkpointing = not unset  # set: the older run did not have it
-    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.gradient_checkpointing)"
-    same.train.gradient_checkpointing = unset
+    same.train.micro_batch_tokens = 512  # set: the older run did not have it
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (train.micro_batch_tokens)"
+    same.train.micro_batch_tokens = unset
+    # so does one registered for sweep cell keys only (a data or model setting enters no train key)
+    saved["model"].pop("quantize")
+    (done / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert partial_differs(same, prepare_mix(same).mix, done) == ""
+    same.model.quantize = "4bit"
+    assert partial_differs(same, prepare_mix(same).mix, done) == "config (model.quantize)"
+    same.model.quantize = "none"
     same.train.lr, same.mix.seed = 5e-4, 3
     assert partial_differs(same, prepare_mix(same).mix, done) == "config (mix.seed, train.lr)"
     # a partial with a checkpoint of another config: started over, and said so

@@ -87,11 +87,16 @@ def arm_config(cfg: RunConfig, arm: str, tell_steps: int, task_rows: int | None 
     return arm_cfg
 
 
+# What only a self-instruct anchor reads: a manual anchor's key leaves them out (the key it had before modes).
+SELF_INSTRUCT_ONLY = ("mode", "self_instruct_rows", "meta_prompt", "self_instruct_max_new_tokens",
+                      "self_instruct_tries")
+
+
 def _anchor_key(cfg: RunConfig) -> dict:
-    """Return the anchor settings that shape a run (a manual anchor keeps the key it had before anchor modes)."""
+    """Return the anchor settings that shape a run: all of them, or for a manual anchor all but SELF_INSTRUCT_ONLY."""
     values = keyed_section(cfg, "anchor")
     if cfg.anchor.mode == "manual":
-        return {k: values[k] for k in ("text", "file", "placement")}
+        return {k: v for k, v in values.items() if k not in SELF_INSTRUCT_ONLY}
     return values
 
 

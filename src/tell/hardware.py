@@ -46,23 +46,33 @@ def usable_cores(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/
 
 def _cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
     """Return this process's cgroup folder and those above it up to the mount root (v2 `0::/path`, v1 the
-    `cpu` controller's path under root/cpu); the root alone where /proc/self/cgroup says nothing usable."""
+    `cpu` controller's path under root/cpu or root/cpu,cpuacct); the mount roots alone where /proc/self/cgroup
+    says nothing usable or names a folder outside this namespace (`..`)."""
     found = {}  # "v1": the cpu controller's path, "v2": the unified hierarchy's
     try:
         with open(proc_cgroup, encoding="utf-8") as f:
-            for line in f:
-                _, controllers, where = line.rstrip("\n").split(":", 2)
-                if "cpu" in controllers.split(","):
-                    found["v1"] = where
-                elif controllers == "":
-                    found["v2"] = where
-    except (OSError, ValueError):
-        pass
-    if "v1" in found and os.path.isdir(os.path.join(root, "cpu")):
-        path, base = found["v1"], os.path.join(root, "cpu")
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # a malformed line says nothing; the others still count
+            continue
+        if "cpu" in fields[1].split(","):
+            found["v1"] = fields[2]
+        elif fields[1] == "":
+            found["v2"] = fields[2]
+    v1_mounts = [os.path.join(root, n) for n in ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+                 if os.path.isdir(os.path.join(root, n))]
+    if "v1" in found and v1_mounts:
+        path, base = found["v1"], v1_mounts[0]
+    elif "v2" in found:
+        path, base = found["v2"], root
     else:
-        path, base = found.get("v2", "/"), root
-    parts = [p for p in path.split("/") if p and p != ".."]
+        return [root, *v1_mounts]
+    parts = [p for p in path.split("/") if p]
+    if ".." in parts:  # the process sits outside this cgroup namespace's view: only the mount root is known
+        parts = []
     dirs = [os.path.join(base, *parts[:i]) for i in range(len(parts), -1, -1)]
     return [d for d in dirs if os.path.isdir(d)] or [root]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from tell.checkpoint import checkpoint_compute, has_checkpoint
-from tell.config import RUN_KEY_ADDED_LATER, RunConfig, config_dict, config_from_dict, dump_config
+from tell.config import RunConfig, added_later, config_dict, config_from_dict, dump_config
 from tell.data import TellInputError
 from tell.experiment import prepare_mix, run_train
 from tell.hardware import dtype_name
@@ -77,10 +77,10 @@ def partial_differs(cfg: RunConfig, mix: Mix, partial: Path) -> str:
     except (OSError, ValueError, yaml.YAMLError):
         return "state (its config or mix is unreadable)"
     now = config_dict(cfg)
-    missing = object()  # a setting the saved config predates counts as its unset value where one is registered
+    missing, registered = object(), added_later()  # a setting the saved config predates: its unset value
     keys = [f"{section}.{name}" for section in RESUME_SECTIONS for name in now[section]
             if f"{section}.{name}" not in RESUME_IGNORED and saved.get(section, {}).get(
-                name, RUN_KEY_ADDED_LATER.get(f"{section}.{name}", missing)) != now[section][name]]
+                name, registered.get(f"{section}.{name}", missing)) != now[section][name]]
     if keys:
         return "config (" + ", ".join(keys) + ")"
     if saved_mix != "".join(mix_lines(mix)) or saved_manifest != json.dumps(mix.manifest, indent=1) + "\n":
