@@ -155,7 +155,7 @@ def test_an_anchor_copying_a_target_is_rejected_then_written_again_or_falls_back
     assert written.tries == 3 and not written.fell_back and len(written.rejected) == 2
     assert written.text == "answer number 0 ..."
     assert all(r.startswith('copies a training target ("answer number') for r in written.rejected)
-    assert prompts[0] != prompts[1] != prompts[2]
+    assert len(set(prompts)) == 3  # each try was asked differently
     fell = self_instruct_anchor(rows, copy_first_shown_answer, rows=2, tries=2, seed=0,
                                 copied=lambda text: copied_span(text, targets), fallback="### Task: demo")
     assert (fell.text, fell.tries, fell.fell_back) == ("### Task: demo", 2, True)

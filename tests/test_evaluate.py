@@ -66,6 +66,12 @@ def test_eval_then_score_reproduces_metrics(tiny_model_dir, user_task, tmp_path,
     rescored = json.loads((tmp_path / "rescored" / "metrics.json").read_text())
     assert rescored["exact_match"] == metrics["exact_match"]
     assert rescored["ci95"] == metrics["ci95"]
+    # score reads each output against its own row's reference: right answers in rows 1 and 3 of 5 give 0.4
+    edited = [dict(r, output=r["reference"] if i in (1, 3) else r["reference"] + " not") for i, r in enumerate(rows)]
+    (tmp_path / "edited.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert tell("score", "--task", "mine", "--test", user_task["test"], "--metric", "exact",
+                "--generations", tmp_path / "edited.jsonl", "--out", tmp_path / "edited") == 0
+    assert json.loads((tmp_path / "edited" / "metrics.json").read_text())["exact_match"] == pytest.approx(0.4)
     # the diagnostics too: a plain model has an empty anchor (anchor.txt beside the generations) and no targets
     diagnostics = ("majority_baseline", "predicted_label_counts", "distinct_output_fraction", "anchor_copy_rate")
     assert {k: rescored[k] for k in diagnostics} == {k: metrics[k] for k in diagnostics}
@@ -108,6 +114,7 @@ def test_diagnostics_of_a_trained_run_in_eval_and_score(tiny_model_dir, user_tas
                 gens, "--run", run, "--out", tmp_path / "hand") == 0
     hand = json.loads((tmp_path / "hand" / "metrics.json").read_text())
     assert hand["anchor_copy_rate"] == pytest.approx(1 / 4) and hand["target_copy_rate"] == pytest.approx(1 / 4)
+    assert hand["exact_match"] == pytest.approx(1 / 4)  # "word12" answers its own row only
     assert hand["distinct_output_fraction"] == pytest.approx(3 / 4)
     assert hand["predicted_label_counts"] == {"word10": 0, "word11": 0, "word12": 2, "word13": 0, "none": 2}
     assert hand["majority_baseline"] == pytest.approx(1 / 4)
@@ -173,12 +180,20 @@ def test_compare_writes_report_results_and_chart(tiny_model_dir, user_task, tmp_
     assert "## Judging or copying?" in (out / "report.md").read_text()
 
 
-def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, capsys):
+def test_compare_reuses_unchanged_arms(tiny_model_dir, user_task, tmp_path, capsys, monkeypatch):
+    from tell import compare as compare_module
+    from tell import evaluate as evaluate_module
     first = tmp_path / "a"
     assert tell(*_compare_args(tiny_model_dir, user_task, first, arms="base,tell")) == 0
     stages = json.loads((first / "results.json").read_text())["_summary"]["stage_wall_s"]
     cached = {kind: sorted(p.name for p in (cache_dir() / kind).iterdir()) for kind in ("runs", "evals")}
     second = tmp_path / "b"
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a cached arm was computed again")
+    for module, name in ((compare_module, "resume_or_train"), (compare_module, "run_train"),
+                         (evaluate_module, "evaluate")):
+        monkeypatch.setattr(module, name, recomputed)
     assert tell(*_compare_args(tiny_model_dir, user_task, second, arms="base,tell")) == 0
     again = json.loads((second / "results.json").read_text())
     first_results = json.loads((first / "results.json").read_text())

@@ -28,11 +28,12 @@ def rows(tiny_tokenizer):
     return training_rows(tiny_tokenizer, mix, 512)[:12]
 
 
-def lora_model(model, dtype=None):
-    """Return the model with LoRA whose B matrices are non-zero (so the adapter changes the loss)."""
+def lora_model(model, dtype=None, dropout: float | None = None):
+    """Return the model with LoRA whose B matrices are non-zero (so the adapter changes the loss); `dropout`:
+    its LoRA dropout (default: the paper's 0.05)."""
     if dtype is not None:
         model = model.to(dtype)
-    model = add_lora(model, TrainConfig())
+    model = add_lora(model, TrainConfig() if dropout is None else TrainConfig(lora_dropout=dropout))
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -307,7 +308,8 @@ def test_padded_attention_of_the_cuda_path_equals_the_cpu_per_row_path(tiny_mode
     """On CUDA the packed rows run as one right-padded causal SDPA call; forced onto the CPU here, its loss
     and LoRA gradients equal the per-row kernels' (rows of different lengths, several micro-batches)."""
     import tell.packing
-    model = lora_model(tiny_model).train()
+    model = lora_model(tiny_model, dropout=dropout).train()
+    assert {m.p for m in model.modules() if hasattr(m, "p")} == ({dropout} if dropout else set())  # LoRA dropout
     results = []
     for devices in ((), ("cpu",)):
         monkeypatch.setattr(tell.packing, "PADDED_ATTENTION_DEVICES", devices)
@@ -377,3 +379,15 @@ def test_threads_follow_the_quota_unless_the_user_set_them(monkeypatch, omp, quo
         assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("flags,native,label", [
+    (["avx2", "avx512f", "avx512_bf16"], True, "avx512_bf16 (native bf16)"),
+    (["avx2", "avx512f", "amx_bf16"], True, "amx_bf16 (native bf16)"),
+    (["avx2", "avx512f"], False, "avx512 without bf16"),
+    (["avx2"], False, "avx2-only (no native bf16)"),
+    ([], False, "no avx2")])
+def test_the_cpu_label_names_each_kind(monkeypatch, flags, native, label):
+    from tell import hardware
+    monkeypatch.setattr(hardware, "cpu_kind", lambda: {"flags": flags, "native_bf16": native})
+    assert hardware.cpu_label() == label

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tell import cli
 from tell.probe import separation
@@ -38,6 +39,8 @@ def test_probe_writes_tsne_and_finite_numbers(tiny_model_dir, tmp_path, capsys):
         values = numbers[side]
         assert -1.0 <= values["silhouette"] <= 1.0
         assert all(math.isfinite(values[k]) for k in ("centroid_distance", "spread", "distance_over_spread"))
+        assert values["distance_over_spread"] == pytest.approx(values["centroid_distance"] / values["spread"])
+    assert numbers["without_anchor"] != numbers["with_anchor"]  # the anchor changes what the task rows look like
     assert (out / "probe.png").stat().st_size > 0
     assert cli.main(["probe", "--model", str(tiny_model_dir), "--task", "mine", "--test", str(test), "--metric",
                      "exact", "--general", str(FIXTURES / "general.jsonl"), "--layer", "9", "--rows", "4",

@@ -282,8 +282,10 @@ def test_each_new_checkpoint_of_a_training_cell_is_packed_into_its_folder(tmp_pa
             time.sleep(0.01)
         return data
 
+    polls, stamp = threading.Semaphore(0), sweep_pack.checkpoint_stamp
+    monkeypatch.setattr(sweep_pack, "checkpoint_stamp", lambda run: (stamp(run), polls.release())[0])
     with sweep_pack.packing_checkpoints(cell, every_s=0.02):
-        time.sleep(0.1)
+        assert all(polls.acquire(timeout=10) for _ in range(3))  # the watcher has looked three times
         assert not (cell / "resume.tar.gz").exists()  # no checkpoint yet: nothing to pack
         _write_checkpoint(partial, 2)
         assert packed_state(b"step 2") == b"step 2"

@@ -127,6 +127,13 @@ def test_halu_task_scores():
     scores = task.score(outputs, [r.reference for r in rows])
     assert scores["label_accuracy"] == 1.0 and scores["json_adherence_strict"] == 1.0
     assert task.row_scores(outputs, [r.reference for r in rows]) == [1.0] * 4
+    # a wrong label (valid JSON) and an answer that is not JSON: half right, three quarters adherent
+    flipped = {"yes": "no", "no": "yes"}[rows[1].reference]
+    outputs[1] = json.dumps({"thought": "t", "hallucination": flipped})
+    outputs[2] = "I think the answer is " + rows[2].reference
+    scores = task.score(outputs, [r.reference for r in rows])
+    assert scores["label_accuracy"] == 0.5 and scores["json_adherence_strict"] == 0.75
+    assert task.row_scores(outputs, [r.reference for r in rows]) == [1.0, 0.0, 0.0, 1.0]
 
 
 # --- is-en-news -------------------------------------------------------------------------------

@@ -260,6 +260,9 @@ def test_a_checkpointed_training_run_logs_the_plain_runs_losses(tiny_model_dir, 
     assert cli.main([*common, "--out", str(tmp_path / "plain")]) == 0
     assert cli.main([*common, "--gradient-checkpointing", "--out", str(tmp_path / "ckpt")]) == 0
     plain, ckpt = (read_log(tmp_path / d / "train_log.jsonl") for d in ("plain", "ckpt"))
+    import yaml
+    assert [yaml.safe_load((tmp_path / d / "config.yaml").read_text())["train"]["gradient_checkpointing"]
+            for d in ("plain", "ckpt")] == [False, True]
     assert len(plain) == len(ckpt) > 3
     for a, b in zip(plain, ckpt):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
