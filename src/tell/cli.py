@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="JSONL file to write")
     _add_common(export, "export")
     compare = verbs.add_parser("compare", help="the main job: base vs SFT vs TELL (+ controls), with a report")
-    compare.add_argument("--quick", action="store_true", help="4 task rows, ratio 3, 16 test rows (≤ 5 min)")
+    compare.add_argument("--quick", action="store_true",
+                         help="4 task rows, ratio 3, 16 test rows (3–6 min on 2 cores)")
     compare.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     compare.add_argument("--no-cache", action="store_true", help="recompute every arm")
     compare.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -49,7 +49,7 @@ def default_config() -> RunConfig:
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
-    """Return the --quick variant: 4 task rows, ratio 3, 16 test rows, 96 new tokens (≤ 5 min on 2 cores)."""
+    """Return the --quick variant: 4 task rows, ratio 3, 16 test rows, 96 new tokens (3–6 min on 2 cores)."""
     from tell.config_keys import apply_overrides
     return apply_overrides(copy.deepcopy(cfg), QUICK)
 
