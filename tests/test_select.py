@@ -106,7 +106,10 @@ def test_the_methods_on_fixed_vectors():
     assert groups_of_8(select.choose(vectors, "kcenter", 0, k=5)) == set(range(5))
     assert groups_of_8(select.choose(vectors, "kmeans", 0, k=5)) == set(range(5))
     assert select.choose(vectors, "random", 7, k=5) == seeded_sample(list(range(40)), 5, 7)  # = the plain draw
-    assert select.choose(vectors, "kcenter", 1, k=5) == select.choose(vectors, "kcenter", 1, k=5)
+    spread = rng.normal(0, 1, (60, 5))  # no groups: what is chosen depends on the seed, and only on it
+    for method in select.METHODS:
+        assert select.choose(spread, method, 1, k=6) == select.choose(spread, method, 1, k=6), method
+        assert len({tuple(select.choose(spread, method, seed, k=6)) for seed in range(4)}) > 1, method
     tokens = [10 + i for i in range(40)]
     for method in select.METHODS:
         chosen = select.choose(vectors, method, 0, budget=120, row_tokens=tokens)
