@@ -46,11 +46,13 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_mix_writes_mix_manifest_and_config(tiny_model_dir, tmp_path):
+def test_mix_writes_mix_manifest_and_config(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "mix"
     assert tell("mix", *base_args(tiny_model_dir, out), "--ratio", "2", "--seed", "3") == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "mix.jsonl"]
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    said = f"[tell] mix: 3 task rows ({manifest['task_tokens']:,} tokens) + {manifest['general_rows']} general rows"
+    assert said in capsys.readouterr().err  # what was mixed, before any long work
     assert (manifest["task_rows"], manifest["seed"]) == (3, 3)
     assert manifest["ratio"] == pytest.approx(2, rel=0.2)  # 3 tiny task rows: whole general rows are coarse
     rows = (out / "mix.jsonl").read_text(encoding="utf-8").splitlines()

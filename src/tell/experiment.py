@@ -17,7 +17,7 @@ from pathlib import Path
 from tell.anchor import anchored_examples, check_placement, resolve_anchor_text
 from tell.config import RunConfig, dump_config, non_default_values
 from tell.data import Example, FieldMap, TellInputError, load_examples
-from tell.mix import Mix, build_mix, write_mix
+from tell.mix import Mix, build_mix, describe_mix, write_mix
 from tell.model import autocast_dtype, context_length, load_model, load_tokenizer, pick_device
 
 
@@ -247,6 +247,7 @@ def run_mix(cfg: RunConfig, overwrite: bool = False) -> Path:
     announce(cfg)
     check_output(cfg.out, overwrite)
     prepared = prepare_mix(cfg)
+    print(f"[tell] mix: {describe_mix(prepared.mix.manifest)}", file=sys.stderr)
     with staged_output(cfg.out, overwrite) as tmp:
         write_mix(prepared.mix, tmp)
         dump_config(cfg, tmp / "config.yaml")
@@ -274,6 +275,7 @@ def run_train(cfg: RunConfig, overwrite: bool = False, task_examples=None, gener
             train_lora(model, prepared.tokenizer, prepared.mix, cfg.train, scratch,
                        autocast_dtype(cfg.model, pick_device(cfg.model)))
         return None
+    print(f"[tell] mix: {describe_mix(prepared.mix.manifest)}", file=sys.stderr)
     with staged_output(cfg.out, overwrite) as tmp:
         write_mix(prepared.mix, tmp)
         dump_config(cfg, tmp / "config.yaml")

@@ -371,6 +371,14 @@ def _ratio_note(ratio, achieved, cfg: MixConfig, pool_tokens, general_tokens) ->
             f"whole-row total to the budget is {general_tokens} tokens")
 
 
+def describe_mix(manifest: dict) -> str:
+    """Return the mix in one line: rows and tokens of each source and the ratio reached, against the request."""
+    task = f"{manifest['task_rows']} task rows ({manifest['task_tokens']:,} tokens)"
+    general = f"{manifest['general_rows']} general rows ({manifest['general_tokens']:,} tokens)"
+    parts = {"sft": [task], "general": [general]}.get(manifest["mode"], [task, general])
+    return " + ".join(parts) + f"; ratio {manifest['ratio']:.4g} ({manifest['ratio_note']})"
+
+
 def write_mix(mix: Mix, out_dir: str | Path) -> None:
     """Write mix.jsonl (one chat row per line, with its source) and manifest.json into out_dir."""
     out_dir = Path(out_dir)
