@@ -100,3 +100,36 @@ def test_vllm_answers_are_decoded_like_the_transformers_backend(tiny_tokenizer):
     stop = tiny_tokenizer.eos_token_id
     ids = tiny_tokenizer("Paris is the capital.", add_special_tokens=False)["input_ids"]
     assert answer_texts_from_ids(tiny_tokenizer, [ids + [stop], ids], (stop,)) == ["Paris is the capital."] * 2
+
+
+def test_vllm_refuses_fp32_before_any_work(capsys):
+    from tell.data import TellInputError
+    from tell.vllm_backend import engine_kwargs
+    with pytest.raises(TellInputError, match="model.dtype"):
+        engine_kwargs("/m", 8, "fp32")
+    assert cli.main(["eval", "--backend", "vllm", "--dtype", "fp32", "--limit", "2"]) == 2
+    assert "model.dtype" in capsys.readouterr().err
+
+
+def test_loading_a_model_first_shuts_the_vllm_engine_down(monkeypatch, tiny_model_dir):
+    """compare trains the next arm (a transformers model) after evaluating with vLLM, whose engine holds most of
+    the GPU: loading a model releases it first, shutting its engine core down."""
+    import tell.model as model
+    import tell.vllm_backend as backend
+    from tell.config import ModelConfig
+    monkeypatch.setattr(backend, "_ENGINE", {})
+    monkeypatch.setattr(model, "_BEFORE_LOAD", [])
+    shut = []
+
+    class Core:
+        def shutdown(self):
+            shut.append(True)
+
+    class Engine:
+        llm_engine = type("LLMEngine", (), {"engine_core": Core()})()
+    backend.engine(backend.engine_kwargs("/m", 8, "bf16"), lambda **kwargs: Engine())
+    assert backend._ENGINE and not shut
+    model.load_model(ModelConfig(name=str(tiny_model_dir)))
+    assert not backend._ENGINE and shut == [True]
+    model.load_model(ModelConfig(name=str(tiny_model_dir)))  # nothing left to release: no second shutdown
+    assert shut == [True]

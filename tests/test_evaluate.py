@@ -303,6 +303,24 @@ def test_decode_loop_matches_transformers_generate(tiny_model_dir):
     assert mine == ref
 
 
+def test_padding_never_counts_for_the_repetition_penalty(tiny_model_dir):
+    """A left-padded row answers as it does alone, even when its pad id is the token it is about to say (a base
+    model's pad id is often its EOS): the penalty reads the row's own tokens only."""
+    import torch
+    from tell.generate import decode_batch
+    run = load_for_generation(None, ModelConfig(name=str(tiny_model_dir), dtype="fp32"))
+    cfg = GenerateConfig(greedy=True, repetition_penalty=100.0)  # a penalised token is never chosen
+    row, longer = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12, 13, 14, 15])
+    with torch.inference_mode():
+        alone = decode_batch(run.model, row[None], torch.ones(1, 4, dtype=torch.long), cfg, 3, -1)[0]
+        pad = alone[0]
+        assert pad not in row.tolist()
+        ids = torch.stack([torch.cat([torch.full((3,), pad), row]), longer])
+        mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+        padded = decode_batch(run.model, ids, mask, cfg, 3, -1)[0]
+    assert padded == alone
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     import torch
     from tell.generate import next_tokens

@@ -293,6 +293,9 @@ def validate(cfg: RunConfig) -> None:
                 problems.append(f"mix.ratio = {ratio} must be a finite number >= 0 or 'max'")
         except ValueError:
             problems.append(f"mix.ratio = {ratio!r} must be a number or 'max'")
+    if cfg.generate.backend == "vllm" and cfg.model.dtype == "fp32":
+        problems.append("generate.backend = 'vllm' serves LoRA in bf16 or fp16 only: "
+                        "set model.dtype auto, bf16 or fp16")
     unknown_arms = set(cfg.compare.arms.split(",")) - set(ARMS)
     if unknown_arms:
         problems.append(f"compare.arms has unknown arm(s) {sorted(unknown_arms)}; choose from {list(ARMS)}")

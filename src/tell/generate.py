@@ -35,6 +35,8 @@ class LoadedRun:
     """Base model directory/id (what the vLLM backend loads)."""
     adapter_dir: str = ""
     """The run's adapter directory, empty for a plain model."""
+    model_cfg: ModelConfig | None = None
+    """A plain model's settings (a run's are config.model): what the vLLM backend loads it with."""
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -52,7 +54,7 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
     With backend 'vllm' no weights are loaded here (vLLM loads them); only the tokenizer and paths.
     """
     if backend == "vllm":
-        return _paths_only(run_dir, model_cfg or ModelConfig())
+        return _paths_only(run_dir, model_cfg)
     if run_dir is None:
         model_cfg = model_cfg or ModelConfig()
         model, tokenizer = load_model(model_cfg)
@@ -71,13 +73,16 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
                      adapter)
 
 
-def _paths_only(run_dir, model_cfg: ModelConfig) -> LoadedRun:
+def _paths_only(run_dir, model_cfg: ModelConfig | None) -> LoadedRun:
     from tell.model import load_tokenizer
     check_vllm()
     if run_dir is None:
+        model_cfg = model_cfg or ModelConfig()
         return LoadedRun(None, load_tokenizer(model_cfg.name), "", "user-prefix", None,
-                         str(resolve_model_path(model_cfg.name)))
+                         str(resolve_model_path(model_cfg.name)), model_cfg=model_cfg)
     cfg = load_run_config(run_dir)
+    if model_cfg is not None:  # as for transformers: the caller may change dtype/device, never the base model
+        cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
     anchor = (Path(run_dir) / "anchor.txt").read_text(encoding="utf-8")
     return LoadedRun(None, load_tokenizer(cfg.model.name), anchor, cfg.anchor.placement, cfg,
                      str(resolve_model_path(cfg.model.name)), str(Path(run_dir) / "adapter"))
@@ -216,10 +221,13 @@ def decode_batch(model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerateConf
     One prefill (logits only at the last position), then one token per step with the KV cache; a row that
     reaches EOS leaves the batch and its cache, so finished rows cost nothing while others go on.
     """
+    # The repetition penalty reads each row's own tokens, never its padding (a pad id is often EOS: a padded row
+    # would stop later than alone). Left padding: a row's last token is real, so pads count as that one.
+    own = torch.where(mask.bool(), ids, ids[:, -1:])
     cache, logits, mask = _prefill(model, ids, mask, prefix)
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=ids.device)
     alive = torch.arange(ids.shape[0], device=ids.device)
-    seen = ids if prefix is None else torch.cat([prefix.ids.expand(ids.shape[0], -1), ids], 1)
+    seen = own if prefix is None else torch.cat([prefix.ids.expand(ids.shape[0], -1), own], 1)
     answers = [[] for _ in range(ids.shape[0])]
     for step in range(max_new_tokens):
         chosen = next_tokens(logits, seen, cfg)
@@ -305,7 +313,7 @@ def vllm_texts(run: LoadedRun, texts: list[str], cfg: GenerateConfig, max_new_to
     """
     from tell.model import dtype_name, resolved_dtype
     from tell.vllm_backend import vllm_answers
-    model_cfg = run.config.model if run.config else ModelConfig()
+    model_cfg = run.config.model if run.config else (run.model_cfg or ModelConfig())
     rank = run.config.train.lora_r if run.config else 8
     return vllm_answers(run.model_path, run.adapter_dir, rank, dtype_name(resolved_dtype(model_cfg)), run.tokenizer,
                         texts, cfg, max_new_tokens, stop_token_ids(run.model_path, run.tokenizer))

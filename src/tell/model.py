@@ -149,12 +149,24 @@ def four_bit_config(dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype)
 
 
+# What else holds the GPU and must let go of it before a model loads (a vLLM engine registers its release).
+_BEFORE_LOAD: list = []
+
+
+def before_loading_a_model(release) -> None:
+    """Have `release` (no arguments) called before each model load from now on (once per function)."""
+    if release not in _BEFORE_LOAD:
+        _BEFORE_LOAD.append(release)
+
+
 def load_model(cfg: ModelConfig):
     """Return (model, tokenizer): the base model loaded straight into its resolved dtype on the chosen device
     (no fp32 copy on the host first), rotary frequencies in fp32, in eval mode.
 
     Inside `shared_base()` one base is loaded per process and handed out again, restored to its loaded state.
     """
+    for release in _BEFORE_LOAD:
+        release()
     path = resolve_model_path(cfg.name)
     device = pick_device(cfg)
     dtype = resolved_dtype(cfg, device)

@@ -55,7 +55,10 @@ def lora_int_id(adapter_dir: str) -> int:
 
 def engine_kwargs(model_path: str, lora_rank: int, dtype: str) -> dict:
     """Return the vllm.LLM arguments: LoRA always on (one engine serves the base and every adapter of a
-    comparison), the run's dtype (config spelling: fp32, bf16, fp16)."""
+    comparison), the run's dtype (config spelling: bf16, fp16; vLLM's LoRA kernels take no fp32)."""
+    if dtype == "fp32":
+        raise TellInputError("the vLLM backend serves LoRA adapters in bf16 or fp16 only (its LoRA kernels take no "
+                             "fp32): use --dtype bf16 or --backend transformers", None, None, "model.dtype")
     return {"model": str(model_path), "dtype": VLLM_DTYPES[dtype], "enable_lora": True,
             "max_lora_rank": max_lora_rank(lora_rank), "max_loras": 1, "seed": 0}
 
@@ -82,16 +85,26 @@ def engine(kwargs: dict, factory=None):
     if _ENGINE.get("key") == kwargs:
         return _ENGINE["llm"]
     release_engine()
-    from tell.model import release_shared_base
+    from tell.model import before_loading_a_model, release_shared_base
     release_shared_base()  # training's base model and its cached blocks go back to the GPU first
     if factory is None:
         from vllm import LLM as factory
     _ENGINE.update(key=dict(kwargs), llm=factory(**kwargs))
+    # the engine keeps ~90% of the GPU for its KV cache: the next arm's training (or held-out loss) loads a
+    # transformers model, and must find that memory free
+    before_loading_a_model(release_engine)
     return _ENGINE["llm"]
 
 
 def release_engine() -> None:
+    """Drop the process's engine, if any, and give its GPU memory back: its engine-core process is shut down
+    (garbage collection alone may leave it holding the memory), then the allocator's cache is emptied."""
     import gc
+    if not _ENGINE:
+        return
+    core = getattr(getattr(_ENGINE.get("llm"), "llm_engine", None), "engine_core", None)
+    if callable(getattr(core, "shutdown", None)):
+        core.shutdown()
     _ENGINE.clear()
     gc.collect()
     try:
