@@ -373,8 +373,10 @@ def _ratio_note(ratio, achieved, cfg: MixConfig, pool_tokens, general_tokens) ->
 
 def describe_mix(manifest: dict) -> str:
     """Return the mix in one line: rows and tokens of each source and the ratio reached, against the request."""
-    task = f"{manifest['task_rows']} task rows ({manifest['task_tokens']:,} tokens)"
-    general = f"{manifest['general_rows']} general rows ({manifest['general_tokens']:,} tokens)"
+    def rows(n: int, kind: str) -> str:
+        return f"{n} {kind} row{'' if n == 1 else 's'}"
+    task = f"{rows(manifest['task_rows'], 'task')} ({manifest['task_tokens']:,} tokens)"
+    general = f"{rows(manifest['general_rows'], 'general')} ({manifest['general_tokens']:,} tokens)"
     parts = {"sft": [task], "general": [general]}.get(manifest["mode"], [task, general])
     return " + ".join(parts) + f"; ratio {manifest['ratio']:.4g} ({manifest['ratio_note']})"
 
