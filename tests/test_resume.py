@@ -196,6 +196,38 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does_and_leaves_its_cell_to_any_host(ti
     assert not (moved / "cells" / row["key"] / sweep.RESUME_FILE).exists()  # a finished cell keeps no checkpoint
 
 
+def test_stop_after_ends_a_sitting_at_a_training_checkpoint_and_the_next_goes_on(tiny_model_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--stop-after: past the deadline, the first checkpoint packed stops the sweep (exit 0, the cell pending, its
+    checkpoint in its folder); the next call resumes it and ends with the adapter of an unbroken run."""
+    from tell import sweep, sweep_eta, sweep_pack
+    config = _sweep_yaml(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache-unbroken"))
+    assert cli.main(["sweep", "--config", str(config), "--out", str(tmp_path / "unbroken")]) == 0
+    unbroken = next((tmp_path / "cache-unbroken" / "runs").iterdir())
+    monkeypatch.setenv("TELL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sweep_pack, "PACK_EVERY_S", 0.005)
+    out = tmp_path / "sw"
+    assert cli.main(["sweep", "--config", str(config), "--out", str(out), "--stop-after", "bad"]) == 2
+    assert "sweep.stop_after" in capsys.readouterr().err and not out.exists()  # refused before anything is written
+    assert cli.main(["sweep", "--config", str(config), "--out", str(out), "--stop-after", "0s"]) == 0
+    assert "--stop-after 0s reached; the cell stopped at its last training checkpoint" in capsys.readouterr().err
+    conn = sweep.open_store(sweep.db_path(out))
+    (row,) = sweep.planned_cells(conn)
+    conn.close()
+    assert (row["status"], row["error"]) == ("pending", "interrupted")
+    assert (out / "cells" / row["key"] / sweep.RESUME_FILE).is_file()
+    (interrupted,) = sweep_eta.sweep_status(out)["interrupted_cells"]
+    assert 2 <= interrupted["training"]["steps_done"] < len(_losses(unbroken))
+    assert cli.main(["sweep", "--config", str(config), "--out", str(out)]) == 0
+    assert "resuming the interrupted training" in capsys.readouterr().err
+    resumed = tmp_path / "cache" / "runs" / unbroken.name
+    assert _losses(resumed) == _losses(unbroken)
+    a = load_file(unbroken / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_an_interrupted_run_with_other_settings_trains_from_scratch(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from tell.config import load_config
     from tell.experiment import prepare_mix

@@ -191,6 +191,8 @@ def _add_sweep_verbs(verbs) -> None:
     sweep.add_argument("--status", action="store_true", help="show done / running / left and the time left")
     sweep.add_argument("--out", help="sweep directory (default: the YAML's out, else runs/sweep)")
     sweep.add_argument("--max-cells", type=int, help="run at most N cells now (the next call goes on)")
+    sweep.add_argument("--stop-after", metavar="DURATION", help="stop after this long (2h, 90m, 600s): at the "
+                       "first training checkpoint after it, or before the next cell (the next call goes on)")
     sweep.add_argument("--release-running", action="store_true", help="first run here the cells another host "
                        "left 'running' (a copied sweep folder, a renamed machine: only if no sweep runs there)")
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -219,6 +221,7 @@ def _dispatch_sweep(args, extra) -> int:
     overrides = dotted_overrides(extra)
     overrides.update({"out": args.out} if args.out else {})
     overrides.update({"sweep.max_cells": args.max_cells} if args.max_cells is not None else {})
+    overrides.update({"sweep.stop_after": args.stop_after} if args.stop_after is not None else {})
     if args.status:
         out = sweep.plan_sweep(args.config, overrides)[1] if args.config else (args.out or "runs/sweep")
         print(status_text(sweep_status(out)))

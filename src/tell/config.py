@@ -205,6 +205,10 @@ class SweepConfig:
     """Bootstrap resamples of the 95% bands and of the token-efficiency multiplier's interval."""
     max_cells: int = 0
     """Run at most this many cells in one invocation, then stop (0 = all); the next invocation goes on."""
+    stop_after: str = ""
+    """Stop this invocation after this long (2h, 90m, 600s): at the first training checkpoint of the running
+    cell packed after it (the cell resumes from it next time), or before the next cell (the first cell always
+    starts); '' = no limit."""
 
 
 @dataclass
@@ -278,6 +282,16 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, object
     return cfg
 
 
+def duration_seconds(text: str) -> float:
+    """Return the seconds of a duration written as 2h, 1.5h, 90m, 600s or 600 (seconds); raise ValueError."""
+    text = text.strip().lower()
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}.get(text[-1:], None)
+    seconds = float(text[:-1] if scale else text) * (scale or 1.0)
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(text)
+    return seconds
+
+
 def validate(cfg: RunConfig) -> None:
     """Raise one error listing every invalid value (choices, ranges)."""
     problems = []
@@ -296,6 +310,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.generate.backend == "vllm" and cfg.model.dtype == "fp32":
         problems.append("generate.backend = 'vllm' serves LoRA in bf16 or fp16 only: "
                         "set model.dtype auto, bf16 or fp16")
+    try:
+        duration_seconds(cfg.sweep.stop_after or "0")
+    except ValueError:
+        problems.append(f"sweep.stop_after = {cfg.sweep.stop_after!r} is not a duration such as 2h, 90m or 600s")
     unknown_arms = set(cfg.compare.arms.split(",")) - set(ARMS)
     if unknown_arms:
         problems.append(f"compare.arms has unknown arm(s) {sorted(unknown_arms)}; choose from {list(ARMS)}")

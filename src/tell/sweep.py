@@ -15,6 +15,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import signal
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tell.config import (ARMS, CELL_KEY_ADDED_LATER, AnchorConfig, RunConfig, added_later, config_dict,
-                         config_from_dict, drop_unset, validate)
+                         config_from_dict, drop_unset, duration_seconds, validate)
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
 from tell.data import TellInputError
 from tell.sweep_eta import PROGRESS, RESUME_FILE, sweep_status
@@ -179,7 +180,7 @@ def expand_grid(base: RunConfig, grids: list[dict[str, list]]) -> list[Cell]:
             except TellInputError as err:
                 raise TellInputError(f"{where}: {err}") from None
             cfg = normalise(cfg)
-            cfg.sweep.max_cells = 0  # how many cells one invocation runs is not part of any cell
+            cfg.sweep.max_cells, cfg.sweep.stop_after = 0, ""  # how long one invocation runs is no cell's part
             key = cell_key(cfg)
             if key not in seen:
                 seen.add(key)
@@ -221,6 +222,12 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
     gives back the cells another host left 'running' (see `sweep_store.release_running`)."""
     from tell.compare import run_cell
     base, out = plan_sweep(config_path, overrides)
+    deadline = _deadline(base.sweep.stop_after)
+    reached = threading.Event()
+
+    def stop_here():  # the watcher thread, at a checkpoint after the deadline: stop as SIGTERM does
+        reached.set()
+        os.kill(os.getpid(), signal.SIGTERM)
     conn = open_store(db_path(out))
     if release and (released := release_running(conn)):
         print(f"[tell] sweep: {released} cell(s) marked running were released and will run here", file=sys.stderr)
@@ -232,6 +239,10 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
         for row in planned_cells(conn):
             if base.sweep.max_cells and ran >= base.sweep.max_cells:
                 break
+            if deadline is not None and ran and time.monotonic() >= deadline and row["status"] != "done":
+                print(f"[tell] sweep: --stop-after {base.sweep.stop_after} reached; no new cell starts",
+                      file=sys.stderr)
+                break  # (the first cell always starts: every sitting moves the sweep on)
             if row["status"] in ("done", "running") or not claim(conn, row["key"]):
                 continue
             ran += 1
@@ -239,12 +250,16 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
             start, cell_dir = time.perf_counter(), out / "cells" / row["key"]
             try:
                 restore_checkpoint(cell_dir)
-                with packing_checkpoints(cell_dir):
+                with packing_checkpoints(cell_dir, deadline=deadline, on_deadline=stop_here):
                     result = run_cell(config_from_dict(json.loads(row["config"])), cell_dir / PROGRESS)
             except KeyboardInterrupt:
                 _pack_on_stop(cell_dir)  # before the cell is pending: no other host may take it up half-packed
                 fail(conn, row["key"], "interrupted", status="pending")
-                raise
+                if not reached.is_set():
+                    raise
+                print(f"[tell] sweep: --stop-after {base.sweep.stop_after} reached; the cell stopped at its last "
+                      "training checkpoint and resumes from it next time", file=sys.stderr)
+                break
             except Exception as err:  # noqa: BLE001 - one broken cell must not stop the sweep; its error is kept
                 fail(conn, row["key"], f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
                 print(f"[tell] sweep cell {row['key']} failed: {err}", file=sys.stderr)
@@ -255,6 +270,11 @@ def run_sweep(config_path: str | Path, overrides: dict | None = None, write_repo
     if write_report:
         write_sweep_report(out)
     return {**sweep_status(out), "out": str(out)}
+
+
+def _deadline(stop_after: str) -> float | None:
+    """Return the time.monotonic() at which this invocation stops (sweep.stop_after from now), None for none."""
+    return time.monotonic() + duration_seconds(stop_after) if stop_after else None
 
 
 def _pack_on_stop(cell_dir: Path) -> None:

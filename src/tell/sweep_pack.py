@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from tell.checkpoint import has_checkpoint
@@ -70,9 +71,11 @@ def pack_checkpoint(cell_dir: Path, quiet: bool = False) -> Path | None:
 
 
 @contextlib.contextmanager
-def packing_checkpoints(cell_dir: Path, every_s: float | None = None):
+def packing_checkpoints(cell_dir: Path, every_s: float | None = None, deadline: float | None = None,
+                        on_deadline=None):
     """Within the block, pack each new checkpoint of the cell's training (checked every `every_s` seconds), so
-    that a sweep killed without warning (kill -9, a machine lost) still leaves one in its folder."""
+    that a sweep killed without warning (kill -9, a machine lost) still leaves one in its folder. Once
+    time.monotonic() has passed `deadline`, the first checkpoint packed calls `on_deadline()` and the watch ends."""
     stop, every = threading.Event(), PACK_EVERY_S if every_s is None else every_s
 
     def watch():
@@ -84,6 +87,9 @@ def packing_checkpoints(cell_dir: Path, every_s: float | None = None):
             try:
                 if pack_checkpoint(cell_dir, quiet=True):
                     packed = stamp
+                    if deadline is not None and time.monotonic() >= deadline:
+                        on_deadline()
+                        return
             except (OSError, tarfile.TarError) as err:
                 if not warned:  # e.g. a full disk: say so once, keep training
                     print(f"[tell] sweep: cannot pack the cell's checkpoint into {cell_dir}: {err}", file=sys.stderr)
