@@ -96,6 +96,8 @@ def test_planning_an_unchanged_sweep_again_leaves_its_database_byte_for_byte(tmp
     before = (tmp_path / "sw" / "sweep.sqlite").read_bytes()
     sweep.plan_sweep(path)  # what `tell sweep --status --config` does: a committed folder must stay clean in git
     assert (tmp_path / "sw" / "sweep.sqlite").read_bytes() == before
+    sweep.plan_sweep(path, {"sweep.max_cells": 1, "sweep.stop_after": "2h"})  # how long one sitting runs: not kept
+    assert (tmp_path / "sw" / "sweep.sqlite").read_bytes() == before
     write_yaml(path, {"out": str(tmp_path / "sw"), "eval": {"limit": 10}, "grid": {**grid, "task_rows": [2, 3]}})
     sweep.plan_sweep(path)  # a changed plan is written
     assert sweep_eta.sweep_status(tmp_path / "sw")["cells"] == 4

@@ -195,9 +195,17 @@ def plan_sweep(config_path: str | Path, overrides: dict | None = None) -> tuple[
     base, grids = load_sweep(config_path, overrides)
     out = Path(base.out or "runs/sweep")
     conn = open_store(db_path(out))
-    register(conn, expand_grid(base, grids), config_dict(base.sweep))
+    register(conn, expand_grid(base, grids), report_settings(base))
     conn.close()
     return base, out
+
+
+def report_settings(base: RunConfig) -> dict:
+    """Return the sweep settings the store keeps for the report: those of this invocation alone (how many cells,
+    how long) at their defaults, so any call (`--max-cells 1`, `--stop-after 2h`, `--status`) stores the same."""
+    settings = config_dict(base.sweep)
+    settings.pop("stop_after")
+    return {**settings, "max_cells": 0}
 
 
 @contextlib.contextmanager
