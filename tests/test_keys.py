@@ -77,7 +77,6 @@ def test_every_registered_setting_is_unset_at_its_default():
         assert getattr(owner, field.name) == unset, dotted
 
 
-def test_the_cell_registry_is_the_one_sweep_uses():
-    assert sweep.ADDED_LATER is config.CELL_KEY_ADDED_LATER
+def test_a_manual_anchor_key_leaves_out_exactly_the_self_instruct_settings():
     assert compare.SELF_INSTRUCT_ONLY == ("mode", "self_instruct_rows", "meta_prompt",
                                           "self_instruct_max_new_tokens", "self_instruct_tries")

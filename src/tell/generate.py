@@ -60,10 +60,7 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
         model, tokenizer = load_model(model_cfg)
         return LoadedRun(model, tokenizer, "", "user-prefix", None, str(resolve_model_path(model_cfg.name)))
     from peft import PeftModel
-    cfg = load_run_config(run_dir)
-    anchor = (Path(run_dir) / "anchor.txt").read_text(encoding="utf-8")
-    if model_cfg is not None:  # the caller may change dtype/device, never the base model
-        cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
+    cfg, anchor = _run_settings(run_dir, model_cfg)
     model, tokenizer = load_model(cfg.model)
     adapter = str(Path(run_dir) / "adapter")
     # safe_merge writes each merged weight into a new tensor: a base shared across compare arms keeps its own
@@ -73,6 +70,15 @@ def load_for_generation(run_dir: str | Path | None = None, model_cfg: ModelConfi
                      adapter)
 
 
+def _run_settings(run_dir, model_cfg: ModelConfig | None) -> tuple[RunConfig, str]:
+    """Return a finished run's config, with the dtype/device of `model_cfg` when given (the caller may change
+    those, never the base model), and its anchor text."""
+    cfg = load_run_config(run_dir)
+    if model_cfg is not None:
+        cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
+    return cfg, (Path(run_dir) / "anchor.txt").read_text(encoding="utf-8")
+
+
 def _paths_only(run_dir, model_cfg: ModelConfig | None) -> LoadedRun:
     from tell.model import load_tokenizer
     check_vllm()
@@ -80,10 +86,7 @@ def _paths_only(run_dir, model_cfg: ModelConfig | None) -> LoadedRun:
         model_cfg = model_cfg or ModelConfig()
         return LoadedRun(None, load_tokenizer(model_cfg.name), "", "user-prefix", None,
                          str(resolve_model_path(model_cfg.name)), model_cfg=model_cfg)
-    cfg = load_run_config(run_dir)
-    if model_cfg is not None:  # as for transformers: the caller may change dtype/device, never the base model
-        cfg.model.dtype, cfg.model.device = model_cfg.dtype, model_cfg.device
-    anchor = (Path(run_dir) / "anchor.txt").read_text(encoding="utf-8")
+    cfg, anchor = _run_settings(run_dir, model_cfg)
     return LoadedRun(None, load_tokenizer(cfg.model.name), anchor, cfg.anchor.placement, cfg,
                      str(resolve_model_path(cfg.model.name)), str(Path(run_dir) / "adapter"))
 

@@ -26,8 +26,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from tell.config import (ARMS, CELL_KEY_ADDED_LATER, AnchorConfig, RunConfig, added_later, config_dict,
-                         config_from_dict, drop_unset, duration_seconds, validate)
+from tell.config import (ARMS, AnchorConfig, RunConfig, added_later, config_dict, config_from_dict, drop_unset,
+                         duration_seconds, validate)
 from tell.config_keys import apply_overrides, flat_fields, load_yaml_overrides
 from tell.data import TellInputError
 from tell.sweep_eta import PROGRESS, RESUME_FILE, sweep_status
@@ -45,9 +45,6 @@ AXES = {
 }
 # Settings that never change a cell's result, so they stay out of its key.
 NOT_IN_KEY = ("out", "compare.cache", "train.report_to", "train.save_every")
-# Settings added after sweeps had run: at these values (what every earlier cell ran with) they stay out of a
-# cell's key, so finished cells keep their keys and are not run again (config.CELL_KEY_ADDED_LATER, the same dict).
-ADDED_LATER = CELL_KEY_ADDED_LATER
 CELL_FILES = ("metrics.json", "generations.jsonl", "config.yaml", "anchor.txt", "manifest.json",
               "train_summary.json", "train_log.jsonl", "loss_curve.png")
 
